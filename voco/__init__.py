@@ -1,0 +1,11 @@
+"""voco: self-supervised pretraining of 3-D medical image encoders, as MONAI bundles tracked in MLflow.
+
+The loader delivers regions; each pretext makes its own views on the device (see DESIGN.md).
+`import voco` is cheap and needs neither itk nor mlflow; features that need them import them lazily.
+"""
+
+__version__ = "0.1.0"
+
+from voco.errors import CheckpointError, ConfigError, ManifestError, VocoError, VolumeError
+
+__all__ = ["__version__", "VocoError", "ManifestError", "VolumeError", "CheckpointError", "ConfigError"]
