@@ -13,7 +13,8 @@ Schema (version 1)::
               "scans": [
                 {"image": "img/0001.nii.gz", "label": "optional", "series": "optional",
                  "modality": "optional override", "preset": "optional override", "split": "optional",
-                 "shape": [512, 512, 90], "spacing": [0.8, 0.8, 2.5], "orientation": "LPS"}]}]}]}]}
+                 "shape": [512, 512, 90], "spacing": [0.8, 0.8, 2.5], "orientation": "LPS",
+                 "attributes": {"lesion": true, "class": "optional, per-scan facts for classification"}}]}]}]}]}
 
 Decathlon-style JSON (``{"training": [{"image": ...}], "validation": [...]}``) is read too and
 turned into a one-dataset manifest. A manifest flattens to a MONAI datalist: one dict per scan with
@@ -40,7 +41,7 @@ MODALITY_ALIASES = {"CT": "CT", "MR": "MR", "MRI": "MR", "PT": "PT", "PET": "PT"
 DEFAULT_PRESETS = {"CT": "ct_abdomen", "MR": "mr_zscore", "PT": "ct_resize"}
 SPLITS = ("training", "validation", "test")
 # Keys of a scan that are copied into its datalist entry as they are.
-SCAN_FACT_KEYS = ("series", "shape", "spacing", "orientation", "split")
+SCAN_FACT_KEYS = ("series", "shape", "spacing", "orientation", "split", "attributes")
 
 
 def normalize_modality(value: Any, where: str) -> str:
@@ -110,6 +111,8 @@ def validate_manifest(manifest: Mapping[str, Any], source: str = "manifest") -> 
                                             f"use one of {', '.join(PRESETS)}.")
                     if "split" in scan and scan["split"] not in SPLITS:
                         raise ManifestError(f"{scan_where}.split is {scan['split']!r}; use one of {', '.join(SPLITS)}.")
+                    if "attributes" in scan and not isinstance(scan["attributes"], dict):
+                        raise ManifestError(f"{scan_where}.attributes must be an object of named facts; fix the manifest.")
                     for key in ("shape", "spacing"):
                         if key in scan and not (isinstance(scan[key], list) and len(scan[key]) == 3):
                             raise ManifestError(f"{scan_where}.{key} must be a list of three numbers; fix or remove it.")

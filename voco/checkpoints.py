@@ -1,0 +1,511 @@
+"""Read checkpoints safely, find the encoder weights in them, load them with a report, export them.
+
+Every file is read with ``torch.load(weights_only=True)``: a checkpoint downloaded from the internet
+can never run code here. The encoder is the SwinUNETR-v2 encoder whose state-dict keys are those of
+the released ``VoCo_{B,L,H}_SSL_head.pt`` (145 tensors for feature size 48)::
+
+    swinViT.*                          patch embedding, 4 Swin stages, 4 v2 residual blocks
+    encoder1|2|3|4|10.*                SwinUNETR residual blocks on the input and hidden states
+
+Formats recognised by :func:`encoder_state_dict` (they may be nested and combined):
+
+- our training checkpoint ``{"pretext": {"backbone.…"}, "optimizer": …, "backbone_spec": …}``
+- a raw state dict, the official SSL head, a whole SwinUNETR (``VoComni_*.pt``: decoder dropped)
+- reference training checkpoints ``{"global_step", "state_dict"}`` with ``module.`` (DDP) and
+  ``backbone.`` / ``student.`` / ``teacher.`` prefixes (the student is taken)
+- containers under ``state_dict`` / ``network_weights`` / ``net`` / ``student`` / ``model``
+- MONAI's ``model_swinvit.pt`` (``module.patch_embed…``, ``module.layers1.0…``, ``mlp.fc1``; SSL heads
+  dropped) and the ``swin_vit`` spelling of ``swinViT``.
+
+Unlike the reference loader (and MONAI's ``copy_model_state``, which counts but does not name what it
+skips), :func:`load_encoder_weights` reports every key that was skipped, and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from voco.errors import CheckpointError, ConfigError, optional_import
+
+__all__ = [
+    "LoadReport",
+    "encoder_state_dict",
+    "export_encoder",
+    "find_latest_checkpoint",
+    "load_encoder_weights",
+    "read_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+# A key of the SwinUNETR encoder, possibly under an owner prefix ("backbone.", "student.backbone.", ...):
+# the owner is the shortest run of path components before the first encoder component.
+_ENCODER_KEY = re.compile(r"^(?P<owner>(?:[^.]+\.)*?)(?P<name>(?:swinViT|encoder(?:1|2|3|4|10))\..+)$")
+_DECODER_COMPONENT = re.compile(r"^(?:decoder\d+|out)\.")
+# MONAI model_swinvit.pt stores the Swin transformer without the "swinViT." owner.
+_SWINVIT_ONLY_KEY = re.compile(r"^(?:patch_embed|layers[1-4])\.")
+# Containers that the reference loader and common trainers put a state dict under, in search order.
+_CONTAINER_KEYS = ("state_dict", "network_weights", "net", "student", "model")
+# Wrappers that add a leading component to every key: DDP / DataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+# Iteration (or epoch) number in ignite/MONAI file names: "checkpoint_iteration=200.pt", "net_200.pt".
+_STEP_IN_NAME = re.compile(r"(?:iteration|epoch)=(\d+)|_(\d+)\.[A-Za-z]+$")
+
+StateDict = dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file onto the CPU, never unpickling arbitrary objects.
+
+    ``.safetensors`` files are read with the ``safetensors`` package when it is installed; anything
+    else with ``torch.load(map_location="cpu", weights_only=True)``.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, needs arbitrary unpickling
+            (e.g. a whole pickled model or an ``argparse.Namespace``), or does not hold a dict.
+        MissingDependencyError: a ``.safetensors`` file is given and ``safetensors`` is not installed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"Checkpoint {path} {what}; pass the path of a .pt/.pth checkpoint file.")
+    if path.suffix == ".safetensors":
+        safetensors_torch = optional_import("safetensors.torch", "Reading .safetensors checkpoints")
+        try:
+            content: Any = safetensors_torch.load_file(str(path), device="cpu")
+        except Exception as error:  # the package raises its own error types for every kind of damage
+            raise CheckpointError(
+                f"Checkpoint {path} is not a readable safetensors file ({_first_line(error)}); "
+                "download or copy it again."
+            ) from error
+    else:
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "weights only load failed" not in str(error).lower():
+                raise _corrupt_checkpoint_error(path, error) from error
+            unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+            found = f" (it contains {unsafe.group(1)})" if unsafe else ""
+            raise CheckpointError(
+                f"Checkpoint {path} holds pickled Python objects that voco refuses to load{found}; "
+                "in a trusted environment re-save only the weights with "
+                "torch.save(model.state_dict(), path) and load that file instead."
+            ) from error
+        except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
+            # torch reports truncation and garbage as any of these, depending on where the bytes end.
+            raise _corrupt_checkpoint_error(path, error) from error
+    if not isinstance(content, Mapping):
+        raise CheckpointError(
+            f"Checkpoint {path} holds a {type(content).__name__}, not a dict of weights; "
+            "save it with torch.save(model.state_dict(), path)."
+        )
+    return dict(content)
+
+
+def _corrupt_checkpoint_error(path: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"Checkpoint {path} is truncated or not a PyTorch checkpoint ({_first_line(error)}); "
+        "download or copy it again."
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0].rstrip(".") if text else "") or type(error).__name__
+
+
+# ----------------------------------------------------------------------------- finding the encoder
+
+
+def encoder_state_dict(checkpoint: Mapping[str, Any]) -> tuple[StateDict, str]:
+    """Find the encoder weights in a checkpoint of any supported format (see the module docstring).
+
+    Args:
+        checkpoint: the dict returned by :func:`read_checkpoint` (or ``torch.load``).
+
+    Returns:
+        ``(state_dict, source_format)``: the encoder tensors under the official SSL-head names
+        (``swinViT.*``, ``encoder1|2|3|4|10.*``) — or, for a backbone that is not a SwinUNETR
+        encoder, the backbone tensors under their own names — and a description of the format
+        that was recognised, e.g. ``"reference training checkpoint ['state_dict']: SwinUNETR
+        encoder under 'backbone.', DDP 'module.' prefix stripped, 4 other tensors dropped"``.
+
+    Raises:
+        CheckpointError: the checkpoint holds no tensors at all.
+    """
+    container, container_name = _unwrap_container(checkpoint)
+    tensors = {key: value for key, value in container.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(
+            f"The {container_name} holds no tensors; pass a checkpoint that contains model weights."
+        )
+    notes: list[str] = []
+    if any(key.startswith(_WRAPPER_PREFIXES) for key in tensors):
+        notes.append("DDP 'module.' prefix stripped")
+    tensors = {_strip_wrappers(key): value for key, value in tensors.items()}
+    if any("swin_vit." in key for key in tensors):
+        notes.append("'swin_vit' renamed to 'swinViT'")
+        tensors = {key.replace("swin_vit.", "swinViT."): value for key, value in tensors.items()}
+
+    owner = _encoder_owner(tensors)
+    if owner is not None:
+        encoder = {key[len(owner) :]: value for key, value in tensors.items() if _is_encoder_key(key, owner)}
+        has_decoder = any(
+            key.startswith(owner) and _DECODER_COMPONENT.match(key[len(owner) :]) for key in tensors
+        )
+        layout = "whole SwinUNETR (decoder and output dropped)" if has_decoder else "SwinUNETR encoder"
+        if owner:
+            layout += f" under '{owner}'"
+    elif any(_SWINVIT_ONLY_KEY.match(key) for key in tensors):
+        encoder = {"swinViT." + key: value for key, value in tensors.items() if _SWINVIT_ONLY_KEY.match(key)}
+        layout = "MONAI model_swinvit SSL weights (mapped to 'swinViT.', SSL heads dropped)"
+    else:
+        # Not a SwinUNETR encoder (e.g. a ViT backbone): take the backbone of a pretext, else everything.
+        backbone = {key[len("backbone.") :]: v for key, v in tensors.items() if key.startswith("backbone.")}
+        encoder = backbone or tensors
+        layout = "state dict without SwinUNETR encoder keys" + (" (backbone.* taken)" if backbone else "")
+    encoder = {_rename_swin_mlp(key): value for key, value in encoder.items()}
+
+    dropped = len(tensors) - len(encoder)
+    if dropped:
+        notes.append(f"{dropped} other tensors dropped")
+    return encoder, f"{container_name}: " + ", ".join([layout, *notes])
+
+
+def _unwrap_container(checkpoint: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """Descend into the nested dict that holds the weights; return it and a name for the format."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(
+            f"A checkpoint must be a dict of weights, not a {type(checkpoint).__name__}; "
+            "pass the path of a checkpoint file or a state dict."
+        )
+    if isinstance(checkpoint.get("pretext"), Mapping):
+        return checkpoint["pretext"], "voco training checkpoint"
+    path: list[str] = []
+    current = checkpoint
+    while not any(isinstance(value, torch.Tensor) for value in current.values()):
+        inner = next((key for key in _CONTAINER_KEYS if isinstance(current.get(key), Mapping)), None)
+        if inner is None:
+            break
+        path.append(inner)
+        current = current[inner]
+    if "global_step" in checkpoint and path:
+        return current, f"reference training checkpoint {path}"
+    return current, f"container {path}" if path else "state dict"
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _rename_swin_mlp(key: str) -> str:
+    """The Swin MLP is ``mlp.fc1/fc2`` in the original implementation, ``mlp.linear1/linear2`` in MONAI."""
+    if key.startswith("swinViT."):
+        return key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+    return key
+
+
+def _is_encoder_key(key: str, owner: str) -> bool:
+    match = _ENCODER_KEY.match(key)
+    return match is not None and match["owner"] == owner
+
+
+def _encoder_owner(keys: Mapping[str, Any] | list[str]) -> str | None:
+    """The prefix under which the SwinUNETR encoder lies ("" for the official layout), or None.
+
+    Where several owners hold an encoder (V1's student and teacher networks, a pretext with a
+    teacher copy), a teacher is taken only if nothing else is there; then the owner with most keys,
+    then the shortest.
+    """
+    counts: dict[str, int] = {}
+    for key in keys:
+        match = _ENCODER_KEY.match(key)
+        if match:
+            counts[match["owner"]] = counts.get(match["owner"], 0) + 1
+    if not counts:
+        return None
+    not_teacher = [owner for owner in counts if "teacher" not in owner]
+    candidates = not_teacher or list(counts)
+    return min(candidates, key=lambda owner: (-counts[owner], len(owner)))
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+@dataclass
+class LoadReport:
+    """What happened to every tensor when encoder weights were loaded into a model.
+
+    Key names are the model's own names relative to the encoder (e.g. ``swinViT.patch_embed.proj.weight``).
+
+    Attributes:
+        loaded: tensors copied (name and shape matched).
+        skipped_unexpected: checkpoint tensors with a name the model does not have.
+        skipped_shape: ``(name, checkpoint shape, model shape)`` of tensors skipped for their shape.
+        missing: model tensors the checkpoint lacks (they keep their initial values), including
+            those in ``outside_encoder``.
+        outside_encoder: model tensors that are not part of the encoder (a SwinUNETR's decoder and
+            output); expected to stay at their initial values and not counted in ``loaded_fraction``.
+        encoder_key_count: number of encoder tensors of the model.
+        source: the file (or ``"<dict>"``) the weights came from; source_format: see
+            :func:`encoder_state_dict`.
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    skipped_unexpected: list[str] = field(default_factory=list)
+    skipped_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    outside_encoder: list[str] = field(default_factory=list)
+    encoder_key_count: int = 0
+    source: str = "<dict>"
+    source_format: str = ""
+
+    @property
+    def missing_encoder(self) -> list[str]:
+        """Encoder tensors the checkpoint lacks: these count against ``loaded_fraction``."""
+        outside = set(self.outside_encoder)
+        return [name for name in self.missing if name not in outside]
+
+    @property
+    def loaded_fraction(self) -> float:
+        """Fraction of the model's encoder tensors that were loaded, in [0, 1]."""
+        return len(self.loaded) / self.encoder_key_count if self.encoder_key_count else 0.0
+
+    def summary(self) -> str:
+        """One line: how much loaded, from what, and how many tensors were skipped or missing."""
+        line = (
+            f"loaded {len(self.loaded)}/{self.encoder_key_count} encoder tensors "
+            f"({100 * self.loaded_fraction:.1f}%) from {self.source} [{self.source_format}]; "
+            f"skipped {len(self.skipped_unexpected)} not in the model and "
+            f"{len(self.skipped_shape)} with another shape; "
+            f"{len(self.missing_encoder)} encoder tensors missing"
+        )
+        if self.outside_encoder:
+            line += f", {len(self.outside_encoder)} tensors outside the encoder keep their initial values"
+        return line
+
+    def table(self) -> str:
+        """The summary, hints on likely causes, then every skipped and missing key, one per line."""
+        lines = [self.summary()]
+        lines += [f"hint: {hint}" for hint in self._hints()]
+        if self.skipped_shape:
+            lines.append("skipped, shape differs (checkpoint -> model):")
+            lines += [f"  {name}  {tuple(ckpt)} -> {tuple(model)}" for name, ckpt, model in self.skipped_shape]
+        if self.skipped_unexpected:
+            lines.append("skipped, not in the model:")
+            lines += [f"  {name}" for name in self.skipped_unexpected]
+        if self.missing_encoder:
+            lines.append("missing encoder tensors (keep their initial values):")
+            lines += [f"  {name}" for name in self.missing_encoder]
+        if self.outside_encoder:
+            lines.append("outside the encoder (keep their initial values, as expected):")
+            lines += [f"  {name}" for name in self.outside_encoder]
+        return "\n".join(lines)
+
+    def _hints(self) -> list[str]:
+        """The two classic silent mismatches of the reference: input channels and use_v2."""
+        hints = []
+        for name, ckpt_shape, model_shape in self.skipped_shape:
+            if name == "swinViT.patch_embed.proj.weight" and ckpt_shape[1] != model_shape[1]:
+                hints.append(f"the checkpoint has {ckpt_shape[1]} input channels and the model {model_shape[1]}")
+            if name == "swinViT.patch_embed.proj.weight" and ckpt_shape[0] != model_shape[0]:
+                hints.append(f"the checkpoint has feature size {ckpt_shape[0]} and the model {model_shape[0]}")
+        if any(re.match(r"swinViT\.layers[1-4]c\.", name) for name in self.missing_encoder):
+            hints.append("the checkpoint has no v2 residual blocks (layers*c): it was trained with use_v2=False")
+        if any(re.match(r"swinViT\.layers[1-4]c\.", name) for name in self.skipped_unexpected):
+            hints.append("the checkpoint has v2 residual blocks (layers*c): build the model with use_v2=True")
+        return hints
+
+
+def load_encoder_weights(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    min_loaded_fraction: float = 0.5,
+    prefix: str = "",
+) -> LoadReport:
+    """Copy encoder weights into ``model`` by name and shape, and report every tensor that did not fit.
+
+    Works for an encoder alone (``SwinEncoder``: keys ``swinViT.*``, ``encoder*``), a whole MONAI
+    ``SwinUNETR`` (its decoder is reported as outside the encoder) and a module that holds the
+    encoder under a prefix (a pretext: ``backbone.``; found by itself when ``prefix`` is empty).
+
+    Args:
+        model: the module to load into; only tensors whose name and shape match are changed.
+        source: a checkpoint path or an already loaded checkpoint dict, in any format that
+            :func:`encoder_state_dict` recognises.
+        min_loaded_fraction: refuse the checkpoint (and leave the model untouched) when less than
+            this fraction of the model's encoder tensors would load.
+        prefix: where the encoder lies inside ``model``, e.g. ``"backbone."``.
+
+    Returns:
+        The :class:`LoadReport`; its summary is also logged (at WARNING when anything was skipped).
+
+    Raises:
+        CheckpointError: the source cannot be read, or too little of it fits the model.
+        ConfigError: ``prefix`` names no tensor of the model.
+    """
+    label = str(source) if isinstance(source, (str, os.PathLike)) else "<dict>"
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    weights, source_format = encoder_state_dict(checkpoint)
+
+    model_state = model.state_dict()
+    if prefix and not any(key.startswith(prefix) for key in model_state):
+        raise ConfigError(
+            f"The prefix '{prefix}' matches no tensor of the {type(model).__name__}; pass '' or the name "
+            "of the submodule that holds the encoder followed by a dot."
+        )
+    if not prefix:  # find the encoder: a SwinUNETR encoder anywhere, else a pretext's backbone
+        owner = _encoder_owner(list(model_state))
+        has_backbone = any(key.startswith("backbone.") for key in model_state)
+        prefix = owner if owner is not None else ("backbone." if has_backbone else "")
+    targets = {key[len(prefix) :]: value for key, value in model_state.items() if key.startswith(prefix)}
+    encoder_targets = {name for name in targets if _is_encoder_key(name, "")}
+    if not encoder_targets:  # not a SwinUNETR encoder: every tensor under the prefix is the encoder
+        encoder_targets = set(targets)
+
+    report = LoadReport(
+        outside_encoder=[name for name in targets if name not in encoder_targets],
+        encoder_key_count=len(encoder_targets),
+        source=label,
+        source_format=source_format,
+    )
+    to_copy: StateDict = {}
+    for name, tensor in weights.items():
+        if name not in encoder_targets:
+            report.skipped_unexpected.append(name)
+        elif tensor.shape != targets[name].shape:
+            report.skipped_shape.append((name, tuple(tensor.shape), tuple(targets[name].shape)))
+        else:
+            report.loaded.append(name)
+            to_copy[prefix + name] = tensor
+    report.missing = [name for name in targets if name not in weights]
+
+    if report.loaded_fraction < min_loaded_fraction:
+        raise CheckpointError(
+            f"Refused to load {label} because too little of it fits the model ({report.summary()}); "
+            "check that it was trained for this backbone (feature_size, in_channels, use_v2) "
+            "or lower min_loaded_fraction."
+        )
+    # strict=False: the missing and skipped tensors are named in the report instead.
+    model.load_state_dict(to_copy, strict=False)
+    clean = not (report.skipped_unexpected or report.skipped_shape or report.missing_encoder)
+    logger.log(logging.INFO if clean else logging.WARNING, "encoder weights: %s", report.summary())
+    logger.debug("%s", report.table())
+    return report
+
+
+# ---------------------------------------------------------------------------------------- exporting
+
+
+def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str | os.PathLike) -> tuple[Path, int]:
+    """Write the encoder alone in the official SSL-head format (``swinViT.*``, ``encoder1|2|3|4|10.*``).
+
+    The file is a plain dict of tensors, so it loads with ``weights_only=True`` and into
+    ``SwinUNETR(use_v2=True)`` by name. It is written atomically: a temporary file in the same
+    folder is renamed over ``out_path``, so a failed export leaves no file and keeps an old one.
+
+    Args:
+        source: a checkpoint path or dict in any format :func:`encoder_state_dict` recognises
+            (usually our training checkpoint).
+        out_path: the file to write.
+
+    Returns:
+        ``(out_path, number of tensors written)``.
+
+    Raises:
+        CheckpointError: the source cannot be read or holds no SwinUNETR encoder tensors.
+    """
+    label = str(source) if isinstance(source, (str, os.PathLike)) else "the given checkpoint"
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    weights, source_format = encoder_state_dict(checkpoint)
+    # clone(): a view would drag its whole storage (e.g. the full pretext's) into the file.
+    encoder = {
+        name: tensor.detach().cpu().contiguous().clone()
+        for name, tensor in weights.items()
+        if _is_encoder_key(name, "")
+    }
+    if not encoder:
+        raise CheckpointError(
+            f"Found no SwinUNETR encoder tensors (swinViT.*, encoder1|2|3|4|10.*) in {label} "
+            f"[{source_format}]; export a checkpoint of a run with the swin backbone."
+        )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(encoder, temporary)
+        os.replace(temporary, out_path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    logger.info("exported %d encoder tensors from %s [%s] to %s", len(encoder), label, source_format, out_path)
+    return out_path, len(encoder)
+
+
+# -------------------------------------------------------------------------------------- run folders
+
+
+def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint file of a run folder, or None when there is none.
+
+    Files are ranked by the iteration (or epoch) number in ignite's names
+    (``checkpoint_iteration=200.pt``, ``checkpoint_final_iteration=1000.pt``, ``net_200.pt``); files
+    without a number rank below numbered ones, by modification time. Hidden and temporary files and
+    files that are visibly incomplete (an empty file, a zip without its central directory) are passed over.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    candidates = [
+        path
+        for path in directory.iterdir()
+        if path.is_file() and path.suffix in _CHECKPOINT_SUFFIXES and not path.name.startswith(".")
+    ]
+
+    def rank(path: Path) -> tuple[int, int, float]:
+        match = _STEP_IN_NAME.search(path.name)
+        if match:
+            return (1, int(match.group(1) or match.group(2)), path.stat().st_mtime)
+        return (0, 0, path.stat().st_mtime)
+
+    for path in sorted(candidates, key=rank, reverse=True):
+        if _looks_complete(path):
+            return path
+        logger.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def _looks_complete(path: Path) -> bool:
+    """A cheap check that does not deserialise: torch's zip format must have its central directory."""
+    if path.stat().st_size == 0:
+        return False
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            return False
+    # A zip that is_zipfile rejects has lost its end (the central directory); legacy torch files and
+    # safetensors have no cheap integrity check, so a non-empty one is trusted.
+    with path.open("rb") as file:
+        return file.read(4) != b"PK\x03\x04"

@@ -1,0 +1,1 @@
+"""Data: manifests, presets, the region pipeline and synthetic phantoms."""

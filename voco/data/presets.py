@@ -1,0 +1,55 @@
+"""Named preprocessing presets: the deterministic part of the region pipeline, as MONAI dictionary transforms.
+
+Each preset turns a file into a channel-first float32 volume in RAS orientation at a fixed spacing with
+intensities scaled to about [0, 1] (CT) or z-scored (MRI), cropped to the body and padded to at least the region
+size. Everything a preset does is deterministic, so its output is what the region pipeline caches.
+This module is only the registry (cheap to import); `voco.data.regions.preset_transforms` builds the transforms.
+
+    preset        spacing (mm)        intensity                         reference group (specs/voco.md §1)
+    ct_abdomen    1.5 x 1.5 x 1.5     HU [-175, 250] -> [0, 1]          V2 abdomen
+    ct_chest      1.25 x 1.25 x 5     HU [-1000, 500] -> [0, 1]         V2 chest
+    ct_resize     none: whole         HU [-175, 250] -> [0, 1]          V2 head/neck and others (V1 for all)
+                  foreground resized
+                  to the region size
+    mr_zscore     1.5 x 1.5 x 1.5     z-score over the foreground       (no HU window for MRI)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from voco.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What one preset does. `spacing=None` means the foreground is resized to the region size instead."""
+
+    name: str
+    description: str
+    spacing: tuple[float, float, float] | None
+    intensity: str  # "window": clip a HU window to [0, 1]; "zscore": normalise over the foreground
+    window: tuple[float, float] | None = None
+    foreground_threshold: float = 0.0  # after intensity scaling (window) or on raw values (zscore)
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset("ct_abdomen", "CT abdomen: 1.5 mm isotropic, HU [-175, 250] to [0, 1]", (1.5, 1.5, 1.5), "window",
+               (-175.0, 250.0)),
+        Preset("ct_chest", "CT chest: 1.25 x 1.25 x 5 mm, HU [-1000, 500] to [0, 1]", (1.25, 1.25, 5.0), "window",
+               (-1000.0, 500.0)),
+        Preset("ct_resize", "CT head/neck and others: HU [-175, 250] to [0, 1], foreground resized to the region",
+               None, "window", (-175.0, 250.0)),
+        Preset("mr_zscore", "MRI: 1.5 mm isotropic, z-score over the foreground, no HU window", (1.5, 1.5, 1.5),
+               "zscore"),
+    )
+}
+
+
+def get_preset(name: str | Preset) -> Preset:
+    if isinstance(name, Preset):
+        return name
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}.")
+    return PRESETS[name]

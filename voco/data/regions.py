@@ -1,0 +1,269 @@
+"""The region pipeline: manifest -> deterministic preset (cached) -> one random region of fixed size per volume.
+
+It is shared by every pretext and never knows which one runs: it delivers batches ``{"image": [B, 1, X, Y, Z],
+"skipped_volumes": [B]}`` and the pretext cuts its own views on the device (see DESIGN.md).
+
+Bad volumes (missing, unreadable, not 3-D, empty, NaN) are skipped and counted under ``bad_volumes="skip"``:
+the item of the next good volume is returned instead, and its ``skipped_volumes`` says how many bad ones were
+passed over, so the count survives DataLoader workers and collation. ``bad_volumes="stop"`` raises a VolumeError
+that names the file and the manifest entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data.utils import json_hashing
+
+from voco.data.manifest import load_manifest, to_datalist
+from voco.data.presets import Preset, get_preset
+from voco.errors import ConfigError, VocoError, VolumeError
+
+logger = logging.getLogger(__name__)
+
+BAD_VOLUME_POLICIES = ("skip", "stop")
+CACHE_MODES = ("disk", "memory", "none")
+# Keys every region item carries, whatever extra facts the manifest entries hold (so batches always collate).
+REGION_KEYS = ("image",)
+
+
+def as_region_size(region_size: int | Sequence[int]) -> tuple[int, int, int]:
+    size = (int(region_size),) * 3 if isinstance(region_size, (int, np.integer)) else tuple(int(s) for s in region_size)
+    if len(size) != 3 or min(size) < 1:
+        raise ConfigError(f"region_size {region_size!r} must be three positive voxel counts, e.g. [192, 192, 64].")
+    return size
+
+
+class CheckVolumed(mt.MapTransform):
+    """Check each loaded volume (3-D, not empty, finite) so a bad file fails with its name, not deep in a transform."""
+
+    def __init__(self, keys: Sequence[str], check: Callable[[Any, Any, str], None]) -> None:
+        super().__init__(keys)
+        self.check = check
+
+    def __call__(self, data: Mapping) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            image = data[key]
+            meta = getattr(image, "meta", {})
+            spacing = meta.get("pixdim")
+            spacing = None if spacing is None else [float(s) for s in list(spacing)[1:4]]
+            self.check(image, spacing, str(meta.get("filename_or_obj", key)))
+        return data
+
+
+def preset_transforms(preset: str | Preset, region_size: Sequence[int], keys: Sequence[str] = ("image",),
+                      label_keys: Sequence[str] = ()) -> list[mt.Transform]:
+    """The deterministic MONAI transforms of `preset` for `keys` (images) and `label_keys` (label maps).
+
+    Output: channel-first float32 volumes in RAS, at least `region_size` in every axis (smaller volumes are
+    padded, never rejected), so a random region of that size can always be taken.
+    """
+    from voco.data.volumes import assert_valid_volume
+
+    preset = get_preset(preset)
+    region_size = as_region_size(region_size)
+    keys, label_keys = list(keys), list(label_keys)
+    all_keys = keys + label_keys
+    modes = ["bilinear"] * len(keys) + ["nearest"] * len(label_keys)
+    threshold = preset.foreground_threshold
+    foreground = mt.CropForegroundd(keys=all_keys, source_key=keys[0], select_fn=lambda x: x > threshold,
+                                    allow_smaller=True)
+    steps: list[mt.Transform] = [
+        mt.LoadImaged(keys=all_keys, image_only=False),
+        mt.EnsureChannelFirstd(keys=all_keys),
+        CheckVolumed(keys=all_keys, check=assert_valid_volume),
+        mt.Orientationd(keys=all_keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
+    if preset.spacing is not None:
+        steps.append(mt.Spacingd(keys=all_keys, pixdim=preset.spacing, mode=modes))
+    if preset.intensity == "window":
+        low, high = preset.window
+        steps += [mt.ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+                  foreground]
+    else:  # MRI has no absolute scale: crop to the body first, then z-score its non-zero voxels
+        steps += [foreground, mt.NormalizeIntensityd(keys=keys, nonzero=True)]
+    if preset.spacing is None:
+        steps.append(mt.Resized(keys=all_keys, spatial_size=region_size, mode=modes))
+    steps += [mt.SpatialPadd(keys=all_keys, spatial_size=region_size),
+              mt.EnsureTyped(keys=all_keys, dtype=torch.float32, track_meta=False),
+              mt.SelectItemsd(keys=all_keys)]
+    return steps
+
+
+def region_transforms(region_size: Sequence[int], keys: Sequence[str] = ("image",)) -> list[mt.Transform]:
+    """The random part: one region of exactly `region_size` per volume, taken after the cached preset."""
+    return [mt.RandSpatialCropd(keys=list(keys), roi_size=as_region_size(region_size), random_size=False)]
+
+
+def source_stamp(path: str) -> str:
+    """Size and modification time of a file: part of the disk-cache key, so an edited file is not served stale."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def describe_entry(entry: Mapping[str, Any]) -> str:
+    parts = [str(entry.get(key)) for key in ("dataset", "subject", "study", "scan_index") if key in entry]
+    return "/".join(parts) if parts else "?"
+
+
+def volume_error(entry: Mapping[str, Any], error: BaseException) -> VolumeError:
+    """One sentence naming the file, its manifest entry and the innermost cause."""
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(cause, VocoError):
+        reason = reason.rstrip(".")
+    return VolumeError(f"volume {entry.get('image')} (manifest entry {describe_entry(entry)}) could not be "
+                       f"preprocessed: {reason}; fix or remove it from the manifest, or run with bad_volumes='skip'.")
+
+
+class _FailedVolume:
+    """What the memory cache holds for a volume whose preprocessing failed (the error is raised on access)."""
+
+    def __init__(self, error: VolumeError) -> None:
+        self.error = error
+
+
+class TolerantCacheDataset(CacheDataset):
+    """CacheDataset that remembers a failed volume instead of failing the whole cache fill at start."""
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as error:  # noqa: BLE001 - any failure of a user's file is reported per volume
+            return _FailedVolume(volume_error(self.data[idx], error))
+
+    def _transform(self, index: int):
+        cached = self._cache[index] if self._cache and index < self.cache_num else None
+        if isinstance(cached, _FailedVolume):
+            raise cached.error
+        return super()._transform(index)
+
+
+class SkipBadVolumes(torch.utils.data.Dataset):
+    """Wrap a dataset so that a volume that fails is skipped (next good one returned) or stops the run.
+
+    Each item gets ``skipped_volumes``: how many bad volumes were passed over to produce it. Volumes known
+    to be bad are remembered (per worker process) so they are not read again.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, datalist: Sequence[Mapping[str, Any]],
+                 bad_volumes: str = "skip", max_consecutive: int = 32) -> None:
+        if bad_volumes not in BAD_VOLUME_POLICIES:
+            raise ConfigError(f"bad_volumes={bad_volumes!r}; use one of {', '.join(BAD_VOLUME_POLICIES)}.")
+        self.dataset, self.datalist = dataset, list(datalist)
+        self.bad_volumes, self.max_consecutive = bad_volumes, max_consecutive
+        self.known_bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = 0
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            if candidate in self.known_bad:
+                continue
+            try:
+                item = self.dataset[candidate]
+            except Exception as error:  # noqa: BLE001 - reported with the file name, then skipped or raised
+                problem = error if isinstance(error, VolumeError) else volume_error(self.datalist[candidate], error)
+                if self.bad_volumes == "stop":
+                    raise problem from None
+                logger.warning("skipping a bad volume: %s", problem)
+                self.known_bad.add(candidate)
+                skipped += 1
+                if skipped >= self.max_consecutive:
+                    raise VolumeError(f"{skipped} volumes in a row failed to load (the last: "
+                                      f"{self.datalist[candidate].get('image')}); check the manifest with "
+                                      f"`voco manifest check`.") from None
+                continue
+            item = {key: item[key] for key in REGION_KEYS}
+            item["skipped_volumes"] = skipped
+            return item
+        raise VolumeError(f"no volume of the {len(self)} in this dataset could be loaded; check the manifest with "
+                          f"`voco manifest check`.")
+
+
+def resolve_datalist(source: str | os.PathLike | Mapping | Sequence[Mapping], dataset_dir: str | None = None
+                     ) -> list[dict]:
+    """A datalist from a manifest path, a loaded manifest or an existing datalist."""
+    if isinstance(source, (str, os.PathLike)):
+        return to_datalist(load_manifest(source), dataset_dir=dataset_dir)
+    if isinstance(source, Mapping):
+        return to_datalist(source, dataset_dir=dataset_dir)
+    return [dict(entry) for entry in source]
+
+
+def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping], *,
+                         region_size: int | Sequence[int] = (192, 192, 64), preset: str | None = None,
+                         cache: str = "none", cache_dir: str | os.PathLike | None = None,
+                         bad_volumes: str = "skip", dataset_dir: str | None = None,
+                         num_cache_workers: int | None = None) -> SkipBadVolumes:
+    """One dataset of random regions for a manifest (or datalist), whatever presets its entries name.
+
+    Args:
+        source: manifest path, loaded manifest or MONAI datalist (entries need ``image``; ``preset`` optional).
+        region_size: size of the region each item delivers, in voxels (x, y, z).
+        preset: use this preset for every entry instead of each entry's own.
+        cache: "disk" (PersistentDataset under `cache_dir`, keyed by preset, region size and file identity),
+            "memory" (CacheDataset) or "none".
+        bad_volumes: "skip" (count and go on) or "stop" (raise a VolumeError naming the file).
+    """
+    region_size = as_region_size(region_size)
+    if cache not in CACHE_MODES:
+        raise ConfigError(f"cache={cache!r}; use one of {', '.join(CACHE_MODES)}.")
+    if cache == "disk" and cache_dir is None:
+        raise ConfigError("cache='disk' needs a cache_dir; give a folder for the preprocessed volumes.")
+    datalist = resolve_datalist(source, dataset_dir)
+    if not datalist:
+        raise ConfigError("the manifest has no scans to train on; add scans or check the dataset filter.")
+    for entry in datalist:
+        entry["preset"] = get_preset(preset or entry.get("preset", "ct_abdomen")).name
+        entry["source_stamp"] = source_stamp(entry["image"])
+
+    parts, ordered = [], []
+    for preset_name in dict.fromkeys(entry["preset"] for entry in datalist):
+        entries = [entry for entry in datalist if entry["preset"] == preset_name]
+        transform = mt.Compose(preset_transforms(preset_name, region_size) + region_transforms(region_size))
+        if cache == "disk":
+            key = hashlib.sha1(f"{preset_name}:{region_size}".encode()).hexdigest()[:10]
+            folder = Path(cache_dir) / f"{preset_name}-{key}"
+            folder.mkdir(parents=True, exist_ok=True)
+            part = PersistentDataset(entries, transform, cache_dir=folder, hash_transform=json_hashing)
+        elif cache == "memory":
+            part = TolerantCacheDataset(entries, transform, num_workers=num_cache_workers, progress=False)
+        else:
+            part = Dataset(entries, transform)
+        parts.append(part)
+        ordered += entries
+    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    return SkipBadVolumes(dataset, ordered, bad_volumes=bad_volumes)
+
+
+def build_region_loader(source: str | os.PathLike | Mapping | Sequence[Mapping], *, batch_size: int = 2,
+                        num_workers: int = 2, shuffle: bool = True, seed: int = 0,
+                        sampler: torch.utils.data.Sampler | None = None, drop_last: bool = True,
+                        **dataset_options: Any) -> DataLoader:
+    """The loader every bundle uses: `build_region_dataset(source, **dataset_options)` in a MONAI DataLoader.
+
+    Batches are ``{"image": float32 [B, 1, X, Y, Z], "skipped_volumes": int64 [B]}``.
+    """
+    dataset = build_region_dataset(source, **dataset_options)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, drop_last=drop_last and len(dataset) >= batch_size,
+                      generator=generator, persistent_workers=num_workers > 0)

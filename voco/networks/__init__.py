@@ -1,0 +1,36 @@
+"""Backbones (built from a small spec: name, size, input channels), heads and the EMA teacher."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from voco.errors import ConfigError
+from voco.networks.heads import VoCoProjector
+from voco.networks.swin import BACKBONE_SIZES, SwinEncoder, swin_feature_size
+from voco.networks.teacher import EMATeacher, cosine_momentum
+
+BACKBONES = ("swin",)
+
+
+def build_backbone(name: str = "swin", size: str | int = "B", in_channels: int = 1, use_checkpoint: bool = False,
+                   **kwargs) -> nn.Module:
+    """A backbone from its spec, so that a bundle switches backbones with one key.
+
+    Args:
+        name: ``"swin"`` (the SwinUNETR-v2 encoder of VoCo).
+        size: ``"tiny"`` (C = 12, for tests), ``"B"`` (48), ``"L"`` (96), ``"H"`` (192), or an int feature size.
+        in_channels: input channels.
+        use_checkpoint: gradient checkpointing.
+        **kwargs: passed to the backbone class (e.g. ``dropout_path_rate``).
+
+    >>> build_backbone("swin", "tiny").embedding_dim
+    288
+    """
+    if str(name).lower() == "swin":
+        return SwinEncoder(in_channels=in_channels, feature_size=swin_feature_size(size),
+                           use_checkpoint=use_checkpoint, **kwargs)
+    raise ConfigError(f"unknown backbone {name!r}; use one of {', '.join(BACKBONES)}.")
+
+
+__all__ = ["BACKBONES", "BACKBONE_SIZES", "build_backbone", "SwinEncoder", "VoCoProjector", "EMATeacher",
+           "cosine_momentum", "swin_feature_size"]
