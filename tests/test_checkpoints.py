@@ -250,6 +250,16 @@ def test_encoder_alone_and_encoder_under_a_prefix(ssl_head: dict) -> None:
         load_encoder_weights(pretext, ssl_head, prefix="student.")
 
 
+def test_the_voco_swin_encoder_takes_the_official_layout(ssl_head: dict) -> None:
+    from voco.networks.swin import SwinEncoder
+
+    torch.manual_seed(0)
+    encoder = SwinEncoder(feature_size=12)
+    report = load_encoder_weights(encoder, ssl_head)
+    assert len(report.loaded) == ENCODER_TENSORS and report.missing == [] and report.outside_encoder == []
+    assert_loaded_exactly(encoder, ssl_head)
+
+
 def test_report_of_an_empty_model_has_zero_fraction() -> None:
     assert LoadReport().loaded_fraction == 0.0
 
@@ -370,6 +380,20 @@ def test_find_latest_checkpoint_ranks_by_iteration_and_skips_incomplete(tmp_path
     assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_final_iteration=1500.pt"
     torch.save(weights, tmp_path / "net_2000.pt")
     assert find_latest_checkpoint(tmp_path) == tmp_path / "net_2000.pt"
+
+
+def test_find_latest_checkpoint_reads_the_iteration_of_a_fixed_final_name(tmp_path: Path) -> None:
+    """The bundle saves its final state as checkpoint_final.pt: the trainer state inside says when."""
+    weights = {"w": torch.zeros(1)}
+    torch.save({"pretext": weights, "trainer": {"iteration": 1000}}, tmp_path / "checkpoint_iteration=1000.pt")
+    torch.save({"pretext": weights, "trainer": {"iteration": 1050}}, tmp_path / "checkpoint_final.pt")
+    os.utime(tmp_path / "checkpoint_final.pt", (1_000_000, 1_000_000))  # copied folder: mtime says nothing
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_final.pt"
+    torch.save({"global_step": 1100, "state_dict": {}}, tmp_path / "resumed.pt")  # reference style
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "resumed.pt"
+    (tmp_path / "checkpoints").mkdir()  # the bundle's layout: <run folder>/checkpoints/
+    torch.save({"pretext": {}, "trainer": {"iteration": 1200}}, tmp_path / "checkpoints" / "checkpoint_final.pt")
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "checkpoint_final.pt"
 
 
 def test_find_latest_checkpoint_falls_back_to_modification_time(tmp_path: Path) -> None:

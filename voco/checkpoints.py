@@ -126,8 +126,8 @@ def _corrupt_checkpoint_error(path: Path, error: BaseException) -> CheckpointErr
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0].rstrip(".") if text else "") or type(error).__name__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0].split('. ')[0].rstrip('.')}" if lines else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- finding the encoder
@@ -466,33 +466,49 @@ def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str 
 
 
 def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint file of a run folder, or None when there is none.
+    """The newest complete checkpoint file of a run folder (or of its ``checkpoints/``), or None.
 
-    Files are ranked by the iteration (or epoch) number in ignite's names
-    (``checkpoint_iteration=200.pt``, ``checkpoint_final_iteration=1000.pt``, ``net_200.pt``); files
-    without a number rank below numbered ones, by modification time. Hidden and temporary files and
-    files that are visibly incomplete (an empty file, a zip without its central directory) are passed over.
+    Files are ranked by their training iteration: the number in ignite's names
+    (``checkpoint_iteration=200.pt``, ``checkpoint_final_iteration=1000.pt``, ``net_200.pt``), else the
+    iteration the file itself records (``{"trainer": {"iteration": …}}`` or ``{"global_step": …}``, as in
+    a fixed ``checkpoint_final.pt``). Files without either rank below, by modification time. Hidden and
+    temporary files and files that are visibly incomplete (empty, a zip without its end) are passed over.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return None
+    # The bundles save under <run folder>/checkpoints: accept the run folder itself too.
+    folders = [folder for folder in (directory, directory / "checkpoints") if folder.is_dir()]
     candidates = [
         path
-        for path in directory.iterdir()
+        for folder in folders
+        for path in folder.iterdir()
         if path.is_file() and path.suffix in _CHECKPOINT_SUFFIXES and not path.name.startswith(".")
     ]
 
     def rank(path: Path) -> tuple[int, int, float]:
         match = _STEP_IN_NAME.search(path.name)
-        if match:
-            return (1, int(match.group(1) or match.group(2)), path.stat().st_mtime)
-        return (0, 0, path.stat().st_mtime)
+        step = int(match.group(1) or match.group(2)) if match else _stored_step(path)
+        return (0, 0, path.stat().st_mtime) if step is None else (1, step, path.stat().st_mtime)
 
     for path in sorted(candidates, key=rank, reverse=True):
         if _looks_complete(path):
             return path
         logger.warning("skipping incomplete checkpoint %s", path)
     return None
+
+
+def _stored_step(path: Path) -> int | None:
+    """The iteration a training checkpoint records, read with its tensors memory-mapped (not loaded)."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a probe only: legacy (unmappable), unsafe or damaged files simply record no step
+        return None
+    if not isinstance(content, Mapping):
+        return None
+    trainer = content.get("trainer")
+    step = trainer.get("iteration") if isinstance(trainer, Mapping) else content.get("global_step")
+    return step if isinstance(step, int) else None
 
 
 def _looks_complete(path: Path) -> bool:

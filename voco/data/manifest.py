@@ -122,7 +122,7 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist; check the path or build one with `voco manifest build DIR`.")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
         raise ManifestError(f"manifest {path} is not a text JSON file ({error}); give a .json manifest.") from error
     except json.JSONDecodeError as error:
@@ -223,8 +223,8 @@ def save_manifest(manifest: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(content, stream, indent=1)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(content, stream, indent=1, ensure_ascii=False)
             stream.write("\n")
         os.replace(temporary, path)
     except BaseException:
@@ -256,7 +256,7 @@ def to_datalist(manifest: Mapping[str, Any], dataset_dir: str | os.PathLike | No
                 for index, scan in enumerate(study["scans"]):
                     modality = normalize_modality(scan.get("modality", dataset_modality), dataset["name"])
                     entry = {
-                        "image": str(root / scan["image"]),
+                        "image": os.path.normpath(root / scan["image"]),
                         "dataset": dataset["name"],
                         "subject": str(subject["id"]),
                         "study": str(study["id"]),
@@ -265,7 +265,7 @@ def to_datalist(manifest: Mapping[str, Any], dataset_dir: str | os.PathLike | No
                         "preset": scan.get("preset", dataset.get("preset", DEFAULT_PRESETS[modality])),
                     }
                     if "label" in scan:
-                        entry["label"] = str(root / scan["label"])
+                        entry["label"] = os.path.normpath(root / scan["label"])
                     if "report" in study:
                         entry["report"] = study["report"]
                     entry.update({key: scan[key] for key in SCAN_FACT_KEYS if key in scan})

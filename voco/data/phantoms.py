@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -59,13 +60,8 @@ LESION_ORGANS = ("liver", "kidney_left", "kidney_right")
 
 # The eight axis codes that differ by flips only; `ALL_ORIENTATIONS` adds the permutations.
 DEFAULT_ORIENTATIONS = ("RAS", "LAS", "RPS", "LPS", "RAI", "LAI", "RPI", "LPI")
-ALL_ORIENTATIONS = tuple(
-    first + second + third
-    for order in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
-    for first in ("RL", "AP", "SI")[order[0]]
-    for second in ("RL", "AP", "SI")[order[1]]
-    for third in ("RL", "AP", "SI")[order[2]]
-)
+ALL_ORIENTATIONS = tuple("".join(letters) for axes in itertools.permutations(("RL", "AP", "SI"))
+                         for letters in itertools.product(*axes))
 DEFAULT_SHAPE_RANGE = ((64, 112), (64, 112), (32, 80))  # voxels along left-right, posterior-anterior, inferior-superior
 DEFAULT_IN_PLANE_SPACING_RANGE = (0.8, 2.0)  # mm
 DEFAULT_SLICE_SPACING_RANGE = (1.5, 5.0)  # mm
@@ -391,7 +387,8 @@ def phantom_report(lesion_counts: dict[str, int], enlarged_spleen: bool) -> str:
     if liver:
         findings.append("liver lesion")
     if left or right:
-        findings.append("kidney lesion" + (" on both sides" if left and right else f" on the {'left' if left else 'right'}"))
+        sides = "both sides" if left and right else f"the {'left' if left else 'right'}"
+        findings.append(f"kidney lesion on {sides}")
     if enlarged_spleen:
         findings.append("splenomegaly")
     sentences.append("Impression: " + ("; ".join(findings) if findings else "no focal lesion, spleen normal") + ".")

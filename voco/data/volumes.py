@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from voco.errors import VolumeError, optional_import
+from voco.errors import VocoError, VolumeError, optional_import
 
 # Longest suffixes first, so ".nii.gz" wins over ".gz".
 FORMAT_OF_EXTENSION = {
@@ -120,14 +120,14 @@ def dicom_files_in(directory: str | os.PathLike, limit: int | None = None) -> li
 
 def image_format(path: str | os.PathLike) -> str | None:
     """"nifti", "nrrd", "metaimage" or "dicom" (a .dcm file, a file with the DICOM marker, or a folder holding
-    DICOM files), from the name alone where it can; None for anything else."""
+    DICOM files), from the name alone where it can (other files: their first 132 bytes); None for anything else."""
     path = Path(path)
     extension = _matching_extension(path.name)
     if extension is not None:
         return FORMAT_OF_EXTENSION[extension]
     if path.is_dir():
         return "dicom" if dicom_files_in(path, limit=1) else None
-    if not path.suffix and path.is_file() and is_dicom_file(path):
+    if path.is_file() and is_dicom_file(path):  # exports name slices IM0001 or by UID (1.2.840...1029.320)
         return "dicom"
     return None
 
@@ -143,7 +143,7 @@ def file_stem(path: str | os.PathLike) -> str:
 # Headers
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """A library error as a short clause that fits inside our one-sentence messages."""
     text = " ".join(str(error).split()) or type(error).__name__
     text = text.rstrip(".")
@@ -321,10 +321,10 @@ def read_header(path: str | os.PathLike, series: str | None = None) -> VolumeHea
         if kind == "dicom":
             return read_dicom_header(path, series)
         return _itk_file_header(path, kind)
-    except VolumeError:
+    except VocoError:  # our own sentence (truncated file), or a missing itk: pass on as it is
         raise
     except Exception as error:  # any reader failure (bad header, wrong magic, gzip error) is a bad file
-        raise VolumeError(f"{path} could not be read as {kind} ({_one_line(error)}); "
+        raise VolumeError(f"{path} could not be read as {kind} ({one_line(error)}); "
                           f"export it again or remove it.") from error
 
 
@@ -434,8 +434,10 @@ def header_problems(header: VolumeHeader, read_voxels: bool = False) -> list[str
     if read_voxels and not problems:
         try:
             voxels = load_voxels(header)
+        except VocoError:
+            raise
         except Exception as error:  # truncated gzip streams, short files, corrupt DICOM pixel data
-            return [f"{header.path} is truncated or corrupt ({_one_line(error)}); download or export it again "
+            return [f"{header.path} is truncated or corrupt ({one_line(error)}); download or export it again "
                     f"or remove it."]
         problems = voxel_problems(header.path, voxels)
     return problems

@@ -1,0 +1,85 @@
+"""The VoCo bundle end to end through `python -m monai.bundle run`, as a user runs it: smoke settings on
+phantoms it generates itself, MLflow tracking into an embedded store, checkpoints, resume and export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "voco_pretrain"
+
+
+def run_bundle(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/smoke.json']"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(BUNDLE),
+               "--logging_file", str(BUNDLE / "configs" / "logging.conf"), *overrides]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run with MLflow tracking, then the same command resumed to a longer run."""
+    cwd = tmp_path_factory.mktemp("bundle")
+    tracking_uri = f"sqlite:///{cwd}/runs/mlflow.db"
+    first = run_bundle(cwd, "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "smoke")
+    resumed = run_bundle(cwd, "--run_name", "smoke", "--max_steps", "8")
+    return cwd, tracking_uri, first, resumed
+
+
+def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
+    import mlflow
+
+    cwd, tracking_uri, first, _ = smoke_run
+    assert "step 6/6" in first.stdout
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("voco_pretrain")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [run.info.run_name for run in runs] == ["smoke"]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    for name in ["loss", "loss/intra", "loss/inter", "loss/regularization", "metric/position_mae",
+                 "metric/position_top1", "lr", "teacher_momentum", "throughput/volumes_per_s",
+                 "data/skipped_volumes", "val/metric/position_mae", "val/metric/position_top1"]:
+        assert name in run.data.metrics, name
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [point.step for point in history] == [2, 4, 6]
+    assert run.data.metrics["data/skipped_volumes"] == 0
+    assert 0.0 <= run.data.metrics["metric/position_top1"] <= 1.0
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert "views" in artifacts
+    views = [item.path for item in client.list_artifacts(run.info.run_id, "views")]
+    assert views == ["views/views.png"]
+    local = Path(client.download_artifacts(run.info.run_id, "views/views.png", str(cwd)))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # artifacts live beside the embedded store, not in a ./mlruns of the working folder
+    assert (cwd / "runs" / "artifacts").is_dir() and not (cwd / "mlruns").exists()
+
+
+def test_checkpoints_resume_and_export(smoke_run, tmp_path):
+    import torch
+    from monai.networks.nets import SwinUNETR
+
+    from voco.checkpoints import export_encoder, load_encoder_weights, read_checkpoint
+
+    cwd, _, _, resumed = smoke_run
+    checkpoints = cwd / "runs" / "smoke" / "checkpoints"
+    names = sorted(path.name for path in checkpoints.glob("*.pt"))
+    assert "checkpoint_final.pt" in names
+    # the second command found the first run's checkpoint and went on from step 6, not from 0
+    assert "step 8/8" in resumed.stdout and "step 2/8" not in resumed.stdout
+    state = read_checkpoint(checkpoints / "checkpoint_final.pt")
+    assert state["trainer"]["iteration"] == 8
+    assert state["backbone_spec"]["size"] == "tiny"
+    out, count = export_encoder(checkpoints / "checkpoint_final.pt", tmp_path / "encoder.pt")
+    model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, use_v2=True)
+    report = load_encoder_weights(model, out)
+    assert report.loaded_fraction == 1.0 and len(report.loaded) == count
+    exported = torch.load(out, weights_only=True)
+    trained = state["pretext"]
+    assert all(torch.equal(exported[key], trained[f"backbone.{key}"]) for key in exported)

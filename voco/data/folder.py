@@ -1,0 +1,517 @@
+"""Manifests from folders: scan a tree of volumes, write its manifest, check every entry, summarise it.
+
+`voco manifest build DIR`, `voco manifest check FILE` and `voco manifest stats FILE` call
+`build_manifest_from_folder`, `check_manifest` (+ `format_problem_table`) and `manifest_stats`.
+
+How a folder tree becomes datasets / subjects / studies / scans:
+
+- dataset: the first-level sub-folder (``ROOT/BTCV/...`` -> "BTCV"); volumes at the top, or under a role folder
+  such as ``imagesTr``, belong to a dataset named after the scanned folder itself. When the first-level folders
+  look like subjects instead (no volume at the top and the same relative file, e.g. ``ct.nii.gz``, in several of
+  them, as in TotalSegmentator or AbdomenAtlas), or when `dataset` is given, the whole folder is one dataset and
+  its first-level folders are subjects.
+- subject: the DICOM PatientID; else the first folder below the dataset that is not a role folder; else the file
+  name without its extension (and without an nnU-Net channel suffix ``_0000``).
+- study: the DICOM StudyInstanceUID, else "0".
+- scan: one file, or one DICOM series (files grouped by series with itk's GDCMSeriesFileNames).
+- labels: files in ``labelsTr`` / ``labels`` / ``masks`` / ``segmentations`` folders, or named ``*_seg`` /
+  ``*label*``, are paired with the image of the same name (in the matching ``imagesTr`` / ``images`` folder or the
+  same folder) and never listed as images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from voco.data.manifest import (DEFAULT_PRESETS, MODALITY_ALIASES, load_manifest, manifest_from_records,
+                                normalize_modality, save_manifest, to_datalist)
+from voco.data.volumes import (VolumeHeader, dicom_series_names, dicom_tags, file_stem, header_problems,
+                               image_format, inspect_volume, one_line, read_dicom_header, read_header)
+from voco.errors import ManifestError, MissingDependencyError, VolumeError
+
+logger = logging.getLogger(__name__)
+
+# Files that sit beside volumes in most datasets and are not volumes: skipped silently, not reported.
+SIDECAR_SUFFIXES = frozenset({
+    ".json", ".txt", ".md", ".rst", ".csv", ".tsv", ".xls", ".xlsx", ".pdf", ".log", ".yaml", ".yml", ".xml",
+    ".html", ".ini", ".cfg", ".py", ".ipynb", ".sh", ".pt", ".pth", ".pkl", ".db", ".tmp"})
+# Role folders group files by what they are (images / labels of a split), not by subject.
+IMAGE_FOLDER = re.compile(r"^(images?|imgs?)(tr|ts|val|va|test|train)?$", re.IGNORECASE)
+LABEL_FOLDER = re.compile(r"^(labels?|masks?|segmentations?)(tr|ts|val|va|test|train)?$", re.IGNORECASE)
+LABEL_WORDS = frozenset({"label", "labels", "seg", "segmentation", "mask"})
+NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+# DICOM tags read per series: PatientID, StudyInstanceUID, SeriesDescription, Modality.
+PATIENT_ID, STUDY_UID, SERIES_DESCRIPTION, DICOM_MODALITY = "0010|0020", "0020|000d", "0008|103e", "0008|0060"
+NON_IMAGE_DICOM = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "RWV"})
+PROGRESS_EVERY = 500
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scanning
+
+
+@dataclass
+class _Volume:
+    """One scan found in the tree: a volume file, or a DICOM series folder."""
+
+    path: Path
+    label: Path | None = None
+    series: str | None = None
+    files: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _tokens(stem: str) -> list[str]:
+    return [token for token in re.split(r"[_\-.\s]+", stem) if token]
+
+
+def _label_name_key(stem: str) -> str | None:
+    """For a label-like name (``case1_seg``, ``label_case1``, ``case1label``) the name of its image's key
+    (``case1``, "" for a bare ``segmentation``); None for a name that does not look like a label."""
+    kept, found = [], False
+    for token in _tokens(stem):
+        if token.lower() in LABEL_WORDS:
+            found = True
+            continue
+        match = re.match(r"^(.+?)labels?$", token, re.IGNORECASE)
+        if match:
+            found = True
+            kept.append(match.group(1))
+            continue
+        kept.append(token)
+    return "_".join(kept) if found else None
+
+
+def _pairing_place(path: Path) -> tuple[Path, str]:
+    """Where an image and its label meet: ``Task/imagesTr/x`` and ``Task/labelsTr/x`` both map to (Task, "tr")."""
+    folder = path.parent
+    match = IMAGE_FOLDER.match(folder.name) or LABEL_FOLDER.match(folder.name)
+    if match:
+        return folder.parent, (match.group(2) or "").lower()
+    return folder, ""
+
+
+def _strip_channel_folders(images: Iterable[Path]) -> set[Path]:
+    """Image role folders whose files carry an nnU-Net channel suffix (``case_0000``).
+
+    The image folders of one dataset (``imagesTr`` and ``imagesTs`` together) qualify when every stem ends in
+    four digits and there are fewer distinct suffixes than images: channels repeat, case numbers do not.
+    """
+    by_dataset: dict[Path, list[Path]] = defaultdict(list)
+    for path in images:
+        if IMAGE_FOLDER.match(path.parent.name):
+            by_dataset[path.parent.parent].append(path)
+    stripped = set()
+    for paths in by_dataset.values():
+        matches = [NNUNET_CHANNEL.match(file_stem(path)) for path in paths]
+        if all(matches) and len({match.group("channel") for match in matches}) < len(paths):
+            stripped.update(path.parent for path in paths)
+    return stripped
+
+
+def _case_name(path: Path, channel_folders: set[Path]) -> str:
+    stem = file_stem(path)
+    match = NNUNET_CHANNEL.match(stem) if path.parent in channel_folders else None
+    return match.group("case") if match else stem
+
+
+def _walk(root: Path, problems: list[str]) -> tuple[list[Path], list[Path]]:
+    """(volume files, folders holding DICOM files) under root, sorted; unsupported files go to `problems`."""
+    files, dicom_folders = [], []
+    visited = set()  # real paths: linked dataset folders are followed, link cycles are not
+    for directory, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:
+            folders[:] = []
+            continue
+        visited.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith(".") and name != "__pycache__")
+        holds_dicom = False
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            path = Path(directory) / name
+            kind = image_format(path)
+            if kind == "dicom":
+                holds_dicom = True
+            elif kind is not None:
+                files.append(path)
+            elif not path.suffix or path.suffix.lower() in SIDECAR_SUFFIXES:
+                continue  # README, LICENSE, dataset.json, reports: not volumes, not problems
+            elif not path.exists():
+                problems.append(f"{path} does not exist (a broken link); fix or remove the link.")
+            else:
+                problems.append(f"{path} has the unsupported extension '{path.suffix}' and was skipped; convert it "
+                                f"to NIfTI (.nii.gz), NRRD or MetaImage, or move it out of the folder.")
+        if holds_dicom:
+            dicom_folders.append(Path(directory))
+    return files, dicom_folders
+
+
+def _pair_labels(files: list[Path], channel_folders: set[Path], problems: list[str]) -> list[_Volume]:
+    """Split files into images and labels and attach each label to its image."""
+    images: list[_Volume] = []
+    labels: list[tuple[Path, str]] = []
+    for path in files:
+        in_image_folder = IMAGE_FOLDER.match(path.parent.name) is not None  # the folder's role wins over the name
+        name_key = None if in_image_folder else _label_name_key(file_stem(path))
+        if LABEL_FOLDER.match(path.parent.name):  # masks/case1_mask.nii.gz pairs with images/case1.nii.gz
+            labels.append((path, name_key if name_key is not None else "_".join(_tokens(file_stem(path)))))
+        elif name_key is not None:
+            labels.append((path, name_key))
+        else:
+            images.append(_Volume(path))
+    # An image answers to its full name and, with an nnU-Net channel suffix, to its case name.
+    by_key: dict[tuple[Path, str], _Volume] = {}
+    images_at: dict[Path, list[_Volume]] = defaultdict(list)
+    for volume in images:
+        place = _pairing_place(volume.path)
+        by_key[(place, "_".join(_tokens(file_stem(volume.path))))] = volume
+        by_key.setdefault((place, "_".join(_tokens(_case_name(volume.path, channel_folders)))), volume)
+        images_at[place].append(volume)
+    unpaired: dict[Path, list[Path]] = defaultdict(list)
+    for path, key in labels:
+        place = _pairing_place(path)
+        image = by_key.get((place, key))
+        if image is None and key == "" and len(images_at[place]) == 1:  # KiTS: imaging.nii.gz + segmentation.nii.gz
+            image = images_at[place][0]
+        if image is None:
+            unpaired[path.parent].append(path)
+        elif image.label is not None:
+            problems.append(f"{path} is a second label for {image.path} (which keeps {image.label.name}); "
+                            f"remove or rename one of them.")
+        else:
+            image.label = path
+    for folder, paths in unpaired.items():
+        example = paths[0].name
+        if len(paths) == 1:
+            problems.append(f"{paths[0]} looks like a label but no image of the same name was found, so it was "
+                            f"skipped; rename it to match its image.")
+        else:
+            problems.append(f"{len(paths)} files in {folder} (e.g. {example}) look like labels without an image of "
+                            f"the same name, so they were skipped; rename them to match their images.")
+    return images
+
+
+def _dicom_series(folder: Path, read_voxels: bool, problems: list[str]) -> list[tuple[_Volume, VolumeHeader]]:
+    """One (volume, header) per DICOM image series in `folder`; bad series go to `problems`."""
+    found = []
+    try:
+        names = dicom_series_names(folder)
+        identifiers = list(names.GetSeriesUIDs())
+    except MissingDependencyError:
+        raise  # itk missing: a setup problem, not a bad file
+    except Exception as error:
+        problems.append(f"{folder} holds DICOM files that could not be grouped into series ({one_line(error)}); "
+                        f"check the export.")
+        return found
+    if not identifiers:
+        problems.append(f"{folder} holds DICOM files but no readable image series; check the export or remove them.")
+    for identifier in identifiers:
+        files = tuple(names.GetFileNames(identifier))
+        try:
+            tags = dicom_tags(files[0], (PATIENT_ID, STUDY_UID, SERIES_DESCRIPTION, DICOM_MODALITY))
+            kind = tags.get(DICOM_MODALITY, "").upper()
+            if kind in NON_IMAGE_DICOM:
+                problems.append(f"{folder} holds a DICOM {kind} series ({identifier}), which is not an image and "
+                                f"was skipped.")
+                continue
+            header = read_dicom_header(folder, identifier, files=files)
+        except MissingDependencyError:
+            raise
+        except VolumeError as error:
+            problems.append(str(error))
+            continue
+        except Exception as error:  # GDCM errors on a damaged file
+            problems.append(f"{folder} DICOM series {identifier} could not be read ({one_line(error)}); "
+                            f"export it again or remove it.")
+            continue
+        series_problems = header_problems(header, read_voxels=read_voxels)
+        if series_problems:
+            problems.extend(series_problems)
+            continue
+        found.append((_Volume(folder, series=identifier, files=files, tags=tags), header))
+    return found
+
+
+def _first_level_holds_subjects(root: Path, volumes: Sequence[_Volume]) -> bool:
+    """True when the first-level folders look like subjects of one dataset, not datasets: nothing sits at the top
+    and the same relative path (e.g. ``ct.nii.gz``) occurs below more than one of them."""
+    owners: dict[tuple[str, ...], set[str]] = defaultdict(set)
+    for volume in volumes:
+        parts = volume.path.relative_to(root).parts
+        if len(parts) < 2 or IMAGE_FOLDER.match(parts[0]) or LABEL_FOLDER.match(parts[0]):
+            return False
+        owners[parts[1:]].add(parts[0])
+    return any(len(folders) > 1 for folders in owners.values())
+
+
+def _round(values: Iterable[float]) -> list[float]:
+    return [round(float(value), 6) for value in values]
+
+
+def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: str | None = None,
+                read_voxels: bool = False) -> tuple[list[dict], list[str]]:
+    """Find every volume under `directory` and describe it as a manifest record, reading headers only.
+
+    Args:
+        directory: the folder to walk (NIfTI, NRRD, MetaImage files and DICOM series, any depth).
+        modality: "CT", "MR" or "PT" for the datasets; a DICOM series whose Modality tag says otherwise gets its
+            own modality and that modality's default preset.
+        dataset: put everything into one dataset of this name (first-level folders become subjects).
+        read_voxels: also read every voxel (slow; catches truncated files and NaN / infinite voxels).
+
+    Returns:
+        (records, problems): records as `voco.data.manifest.manifest_from_records` takes them,
+        ``{"dataset", "subject", "study", "scan": {"image", "label"?, "series"?, "shape", "spacing",
+        "orientation", ...}}`` with paths relative to `directory`; problems are sentences, one per bad file
+        (bad files are skipped, never fatal).
+    """
+    root = Path(directory).expanduser().resolve()
+    if not root.is_dir():
+        raise ManifestError(f"folder {root} does not exist; give the folder that holds the volumes.")
+    modality = normalize_modality(modality, f"scan of {root}")
+    problems: list[str] = []
+    files, dicom_folders = _walk(root, problems)
+    channel_folders = _strip_channel_folders(files)
+    candidates = _pair_labels(files, channel_folders, problems)
+
+    found: list[tuple[_Volume, VolumeHeader]] = []
+    for count, volume in enumerate(candidates, start=1):
+        header, volume_problems = inspect_volume(volume.path, read_voxels=read_voxels)
+        if count % PROGRESS_EVERY == 0:
+            logger.info("read %d of %d volume headers under %s", count, len(candidates), root)
+        if volume_problems:
+            problems.extend(volume_problems)
+            continue
+        if volume.label is not None:
+            label_header, label_problems = inspect_volume(volume.label, read_voxels=read_voxels)
+            if label_problems:
+                problems.extend(f"{message.rstrip('.')}; its image {volume.path.name} is kept without a label."
+                                for message in label_problems[:1])
+                volume.label = None
+            elif label_header.spatial_shape != header.spatial_shape:
+                problems.append(f"{volume.label} has the shape {list(label_header.spatial_shape)} but its image "
+                                f"{volume.path.name} has {list(header.spatial_shape)}, so the image is kept without "
+                                f"a label; fix or remove the label.")
+                volume.label = None
+        found.append((volume, header))
+    for folder in dicom_folders:
+        found.extend(_dicom_series(folder, read_voxels, problems))
+
+    one_dataset = dataset is not None or _first_level_holds_subjects(root, [volume for volume, _ in found])
+    records = []
+    for volume, header in found:
+        parts = volume.path.relative_to(root).parts
+        folder_parts = parts if volume.series is not None else parts[:-1]
+        if one_dataset:
+            dataset_name, inner = dataset or root.name or "dataset", folder_parts
+        elif len(folder_parts) >= 1 and not (IMAGE_FOLDER.match(folder_parts[0]) or LABEL_FOLDER.match(folder_parts[0])):
+            dataset_name, inner = folder_parts[0], folder_parts[1:]
+        else:
+            dataset_name, inner = root.name or "dataset", folder_parts
+        subject_folders = [part for part in inner if not (IMAGE_FOLDER.match(part) or LABEL_FOLDER.match(part))]
+        if volume.series is not None:
+            subject = volume.tags.get(PATIENT_ID) or (subject_folders[0] if subject_folders else volume.path.name)
+        else:
+            subject = subject_folders[0] if subject_folders else _case_name(volume.path, channel_folders)
+        scan: dict[str, Any] = {"image": volume.path.relative_to(root).as_posix() or "."}
+        if volume.label is not None:
+            scan["label"] = volume.label.relative_to(root).as_posix()
+        if volume.series is not None:
+            scan["series"] = volume.series
+            scan_modality = MODALITY_ALIASES.get(volume.tags.get(DICOM_MODALITY, "").upper())
+            if scan_modality is not None and scan_modality != modality:
+                scan["modality"], scan["preset"] = scan_modality, DEFAULT_PRESETS[scan_modality]
+            if SERIES_DESCRIPTION in volume.tags:
+                scan["attributes"] = {"series_description": volume.tags[SERIES_DESCRIPTION]}
+        scan.update(shape=list(header.spatial_shape), spacing=_round(header.spacing), orientation=header.orientation)
+        records.append({"dataset": dataset_name, "subject": subject, "study": volume.tags.get(STUDY_UID, "0"),
+                        "scan": scan})
+    return records, problems
+
+
+def build_manifest_from_folder(directory: str | os.PathLike, *, output: str | os.PathLike = "manifest.json",
+                               modality: str = "CT", name: str | None = None, preset: str | None = None,
+                               dataset: str | None = None, read_voxels: bool = False) -> tuple[Path, list[str]]:
+    """Scan `directory` and write its manifest to `output` (atomically); bad files are reported and left out.
+
+    The manifest's ``dataset_dir`` is the scanned folder relative to the manifest file, and image paths are
+    relative to the scanned folder, so folder and manifest can move together.
+
+    Returns:
+        (the manifest path, one sentence per skipped file).
+
+    Raises:
+        ManifestError: the folder does not exist or holds no readable volume.
+    """
+    root = Path(directory).expanduser().resolve()
+    records, problems = scan_folder(root, modality=modality, dataset=dataset, read_voxels=read_voxels)
+    if not records:
+        detail = f" ({len(problems)} files were skipped, e.g. {problems[0]!r})" if problems else ""
+        raise ManifestError(f"folder {root} holds no readable volume{detail}; give a folder with NIfTI, NRRD, "
+                            f"MetaImage or DICOM volumes.")
+    output = Path(output).expanduser().resolve()
+    manifest = manifest_from_records(records, name=name or root.name, modality=modality, preset=preset,
+                                     description=f"volumes found under {root} by `voco manifest build`")
+    try:
+        manifest["dataset_dir"] = Path(os.path.relpath(root, output.parent)).as_posix()
+    except ValueError:  # another drive on Windows: no relative path exists
+        manifest["dataset_dir"] = root.as_posix()
+    return save_manifest(manifest, output), problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking
+
+
+class ProblemRows(list):
+    """The rows of `check_manifest`, which also remember how many scans were checked (`scans`)."""
+
+    scans: int = 0
+
+
+def _facts_differ(recorded: Sequence[float], actual: Sequence[float], tolerance: float = 1e-3) -> bool:
+    return len(recorded) != len(actual) or any(
+        not math.isclose(float(a), float(b), rel_tol=tolerance, abs_tol=tolerance) for a, b in zip(recorded, actual))
+
+
+def check_manifest(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None,
+                   read_voxels: bool = True) -> list[dict]:
+    """Check every scan (and label) of a manifest with `check_volume`.
+
+    Beyond the volume checks, a label whose shape differs from its image's, and header facts recorded in the
+    manifest (shape, spacing) that no longer match the file, are problems too.
+
+    Returns:
+        rows ``{"entry": "dataset/subject/study/scan_index", "path": ..., "problem": ...}``, empty when all is
+        well; the list's ``scans`` attribute is the number of scans checked.
+
+    Raises:
+        ManifestError: the manifest itself cannot be read or does not follow the schema.
+    """
+    datalist = to_datalist(load_manifest(path), dataset_dir=dataset_dir)
+    rows = ProblemRows()
+    rows.scans = len(datalist)
+    for count, entry in enumerate(datalist, start=1):
+        if count % PROGRESS_EVERY == 0:
+            logger.info("checked %d of %d scans of %s", count, len(datalist), path)
+        where = f"{entry['dataset']}/{entry['subject']}/{entry['study']}/{entry['scan_index']}"
+        header, problems = inspect_volume(entry["image"], read_voxels=read_voxels, series=entry.get("series"))
+        if header is not None and not problems:
+            for fact, actual in (("shape", header.spatial_shape), ("spacing", header.spacing)):
+                if fact in entry and _facts_differ(entry[fact], actual):
+                    problems.append(f"{entry['image']} has the {fact} {list(actual)} but the manifest records "
+                                    f"{entry[fact]}; rebuild the manifest with `voco manifest build`.")
+        rows.extend({"entry": where, "path": entry["image"], "problem": problem} for problem in problems)
+        if "label" in entry:
+            label_header, label_problems = inspect_volume(entry["label"], read_voxels=read_voxels)
+            if header is not None and label_header is not None and not label_problems \
+                    and label_header.spatial_shape != header.spatial_shape:
+                label_problems.append(f"{entry['label']} has the shape {list(label_header.spatial_shape)} but its "
+                                      f"image has {list(header.spatial_shape)}; give the label of this image.")
+            rows.extend({"entry": where, "path": entry["label"], "problem": problem} for problem in label_problems)
+    return rows
+
+
+def format_problem_table(rows: Sequence[Mapping[str, str]], scans: int | None = None) -> str:
+    """A plain-text table of `check_manifest` rows (entry, path, problem); "no problems in N scans" when empty.
+
+    `scans` defaults to the count that `check_manifest`'s rows carry.
+    """
+    scans = getattr(rows, "scans", None) if scans is None else scans
+    if not rows:
+        return f"no problems in {scans} scans" if scans is not None else "no problems"
+    columns = ("entry", "path", "problem")
+    widths = {column: max(len(column), *(len(str(row[column])) for row in rows)) for column in columns[:2]}
+    lines = ["  ".join([column.ljust(widths.get(column, 0)) for column in columns]).rstrip(),
+             "  ".join("-" * widths.get(column, len(column)) for column in columns)]
+    lines += ["  ".join([str(row["entry"]).ljust(widths["entry"]), str(row["path"]).ljust(widths["path"]),
+                         str(row["problem"])]) for row in rows]
+    entries = len({row["entry"] for row in rows})
+    lines.append(f"{len(rows)} problems in {entries} of {scans} scans" if scans is not None
+                 else f"{len(rows)} problems in {entries} scans")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def _axis_ranges(values: list[Sequence[float]], unit: str) -> str:
+    """Min / median / max per axis of a list of 3-vectors, e.g. ``min 117 × 91 × 20   median ...``."""
+    table = np.asarray(values, dtype=float)
+
+    def text(row: np.ndarray) -> str:
+        return " × ".join(f"{value:g}" for value in row)
+
+    return (f"min {text(table.min(axis=0))}   median {text(np.median(table, axis=0))}   "
+            f"max {text(table.max(axis=0))} {unit}").rstrip()
+
+
+def manifest_stats(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None) -> str:
+    """A plain-text summary of a manifest, per dataset: counts of subjects / studies / scans / labels / reports,
+    modality, preset, and the min / median / max of shape and spacing per axis (from the recorded header facts,
+    or read from the file headers where the manifest does not record them)."""
+    manifest = load_manifest(path)
+    datalist = to_datalist(manifest, dataset_dir=dataset_dir)
+    by_dataset: dict[str, list[dict]] = defaultdict(list)
+    for entry in datalist:
+        by_dataset[entry["dataset"]].append(entry)
+    totals: Counter = Counter()
+    blocks = []
+    for dataset in manifest["datasets"]:
+        entries = by_dataset[dataset["name"]]
+        counts = {
+            "subjects": len(dataset["subjects"]),
+            "studies": sum(len(subject["studies"]) for subject in dataset["subjects"]),
+            "scans": len(entries),
+            "labels": sum("label" in entry for entry in entries),
+            "reports": sum("report" in study for subject in dataset["subjects"] for study in subject["studies"]),
+        }
+        totals.update(counts)
+        shapes, spacings, orientations, unreadable = [], [], Counter(), 0
+        for entry in entries:
+            shape, spacing, orientation = entry.get("shape"), entry.get("spacing"), entry.get("orientation")
+            if shape is None or spacing is None:
+                try:
+                    header = read_header(entry["image"], series=entry.get("series"))
+                except VolumeError:
+                    unreadable += 1
+                    continue
+                shape, spacing = header.spatial_shape, header.spacing
+                orientation = orientation or header.orientation
+            if len(shape) == 3 and len(spacing) == 3:
+                shapes.append(shape)
+                spacings.append(spacing)
+            if orientation:
+                orientations[orientation] += 1
+        modality = normalize_modality(dataset["modality"], dataset["name"])
+        lines = [f"dataset {dataset['name']}: modality {modality}, "
+                 f"preset {dataset.get('preset', DEFAULT_PRESETS[modality])}",
+                 "  " + ", ".join(f"{what} {count}" for what, count in counts.items())]
+        scan_modalities = Counter(entry["modality"] for entry in entries)
+        if len(scan_modalities) > 1:
+            lines.append("  scan modalities: " + ", ".join(f"{name} {count}" for name, count in scan_modalities.items()))
+        if shapes:
+            lines.append("  shape (voxels)  " + _axis_ranges(shapes, ""))
+            lines.append("  spacing         " + _axis_ranges(spacings, "mm"))
+        if orientations:
+            lines.append("  orientation     " + ", ".join(f"{code} {count}" for code, count in orientations.most_common()))
+        if unreadable:
+            lines.append(f"  {unreadable} scans have no recorded header facts and could not be read "
+                         f"(run `voco manifest check`)")
+        blocks.append("\n".join(lines))
+    title = (f"manifest {manifest.get('name', Path(path).stem)} ({manifest['_path']}): "
+             f"datasets {len(manifest['datasets'])}, " + ", ".join(f"{what} {totals[what]}" for what in
+                                                                 ("subjects", "studies", "scans", "labels", "reports")))
+    return "\n\n".join([title] + blocks)
