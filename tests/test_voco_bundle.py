@@ -24,11 +24,11 @@ def run_bundle(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """One smoke run with MLflow tracking, then the same command resumed to a longer run."""
+    """One smoke run (4 steps) with MLflow tracking, then the same command resumed to 6 steps."""
     cwd = tmp_path_factory.mktemp("bundle")
     tracking_uri = f"sqlite:///{cwd}/runs/mlflow.db"
     first = run_bundle(cwd, "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "smoke")
-    resumed = run_bundle(cwd, "--run_name", "smoke", "--max_steps", "8")
+    resumed = run_bundle(cwd, "--run_name", "smoke", "--max_steps", "6")
     return cwd, tracking_uri, first, resumed
 
 
@@ -36,7 +36,7 @@ def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
     import mlflow
 
     cwd, tracking_uri, first, _ = smoke_run
-    assert "step 6/6" in first.stdout
+    assert "step 4/4" in first.stdout
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name("voco_pretrain")
     runs = client.search_runs([experiment.experiment_id])
@@ -48,7 +48,7 @@ def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
                  "data/skipped_volumes", "val/metric/position_mae", "val/metric/position_top1"]:
         assert name in run.data.metrics, name
     history = client.get_metric_history(run.info.run_id, "loss")
-    assert [point.step for point in history] == [2, 4, 6]
+    assert [point.step for point in history] == [2, 4]
     assert run.data.metrics["data/skipped_volumes"] == 0
     assert 0.0 <= run.data.metrics["metric/position_top1"] <= 1.0
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
@@ -71,10 +71,10 @@ def test_checkpoints_resume_and_export(smoke_run, tmp_path):
     checkpoints = cwd / "runs" / "smoke" / "checkpoints"
     names = sorted(path.name for path in checkpoints.glob("*.pt"))
     assert "checkpoint_final.pt" in names
-    # the second command found the first run's checkpoint and went on from step 6, not from 0
-    assert "step 8/8" in resumed.stdout and "step 2/8" not in resumed.stdout
+    # the second command found the first run's checkpoint and went on from step 4, not from 0
+    assert "step 6/6" in resumed.stdout and "step 2/6" not in resumed.stdout
     state = read_checkpoint(checkpoints / "checkpoint_final.pt")
-    assert state["trainer"]["iteration"] == 8
+    assert state["trainer"]["iteration"] == 6
     assert state["backbone_spec"]["size"] == "tiny"
     out, count = export_encoder(checkpoints / "checkpoint_final.pt", tmp_path / "encoder.pt")
     model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, use_v2=True)

@@ -80,6 +80,7 @@ class PretextTrainer(Trainer):
         super().__init__(device=torch.device(device), max_epochs=math.ceil(max_steps / epoch_length),
                          data_loader=train_data_loader, epoch_length=epoch_length, non_blocking=non_blocking,
                          handlers=None, decollate=False)
+        self.device = self.state.device
         self.network = pretext  # MONAI's property name, so bundle handlers can reference it
         self.optimizer = optimizer
         self.max_steps = max_steps

@@ -171,8 +171,9 @@ class CropLayout:
 VOCO_V2_LAYOUT = CropLayout((192, 192, 64), (3, 3), (64, 64, 64), (64, 64, 64))
 # V1 (CVPR 2024): 4 x 4 base crops of 96^3 over 384 x 384 x 96, each crop resized to 64^3.
 VOCO_V1_LAYOUT = CropLayout((384, 384, 96), (4, 4), (96, 96, 96), (64, 64, 64))
-# The V2 layout scaled down for tests and smoke runs: 3 x 3 base crops of 32^3 over 96 x 96 x 32.
-VOCO_TINY_LAYOUT = CropLayout.tiled(32, (3, 3))
+# The V2 layout scaled down for tests and smoke runs: 3 x 3 base crops of 32 x 32 x 64 over 96 x 96 x 64.
+# Not 32^3: the Swin encoder's deepest map would be 1 voxel, and its instance norm cannot train on that.
+VOCO_TINY_LAYOUT = CropLayout.tiled((32, 32, 64), (3, 3))
 LAYOUTS = {"v2": VOCO_V2_LAYOUT, "v1": VOCO_V1_LAYOUT, "tiny": VOCO_TINY_LAYOUT}
 
 

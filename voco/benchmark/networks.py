@@ -1,0 +1,328 @@
+"""Per-task networks, their losses, and initialisation from a pretrained encoder.
+
+    network = build_task_network(task, size="B")                      # SwinUNETR-v2, classifier or registration
+    report = initialize_from_pretrained(network, "VoCo_B_SSL_head.pt", mode="finetune")
+    loss_function = task_loss(task)
+
+- segmentation: MONAI ``SwinUNETR(use_v2=True)`` (the VoCo downstream network) or, with ``backbone="vit"``,
+  MONAI ``UNETR``;
+- classification: :class:`EncoderClassifier`, the VoCo ``SwinEncoder`` with its pooled ``24 C`` embedding and a
+  linear head;
+- registration: :class:`RegistrationNetwork`, a ``SwinUNETR`` predicting a displacement field from the moving and
+  fixed images, and MONAI's ``Warp``.
+
+The pretrained weights go into :func:`encoder_of` the network, through :func:`voco.checkpoints.load_encoder_weights`,
+so every format it recognises works (official ``VoCo_*_SSL_head.pt``, ``VoComni_*``, MONAI ``model_swinvit.pt``,
+our training checkpoints and exports).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.losses import (BendingEnergyLoss, DiceCELoss, DiceLoss, DiffusionLoss,
+                          LocalNormalizedCrossCorrelationLoss)
+from monai.networks import one_hot
+from monai.networks.blocks import Warp
+from monai.networks.nets import UNETR, SwinUNETR
+from torch import nn
+
+from voco.benchmark.registry import Task
+from voco.checkpoints import LoadReport, load_encoder_weights
+from voco.errors import ConfigError
+from voco.networks import build_backbone, swin_feature_size
+from voco.networks.swin import ENCODER_BLOCKS, SwinEncoder
+
+__all__ = [
+    "INITIALIZATION_MODES",
+    "EncoderClassifier",
+    "RegistrationLoss",
+    "RegistrationNetwork",
+    "build_task_network",
+    "encoder_of",
+    "initialize_from_pretrained",
+    "task_loss",
+]
+
+INITIALIZATION_MODES = ("finetune", "frozen", "linear_probe", "scratch")
+TASK_BACKBONES = {"segmentation": ("swin", "vit"), "classification": ("swin",), "registration": ("swin",)}
+# UNETR sizes: "B" is the ViT-B/16 of the UNETR paper; "tiny" is for tests.
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 96, "mlp_dim": 384, "num_heads": 3, "feature_size": 12},
+    "B": {"hidden_size": 768, "mlp_dim": 3072, "num_heads": 12, "feature_size": 16},
+}
+SWIN_DIVISOR, VIT_DIVISOR = 32, 16  # the input sizes each network needs to be divisible by
+SIMILARITIES = ("lncc", "mse")
+REGULARIZATIONS = ("bending", "diffusion")
+
+
+class EncoderClassifier(nn.Module):
+    """A pretrained encoder's pooled embedding, dropout and one linear layer: ``[N, C, X, Y, Z] -> [N, num_outputs]``.
+
+    Args:
+        encoder: a backbone whose ``forward`` returns a pooled embedding ``[N, embedding_dim]`` (``SwinEncoder``:
+            ``24 C``).
+        num_outputs: logits: 1 for a binary task with a sigmoid, else the number of classes.
+        dropout: dropout rate on the embedding.
+
+    >>> from voco.networks import SwinEncoder
+    >>> EncoderClassifier(SwinEncoder(feature_size=12), 3)(torch.zeros(2, 1, 32, 32, 32)).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, encoder: nn.Module, num_outputs: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.embedding_dim, num_outputs)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.encoder(image)))
+
+
+class RegistrationNetwork(nn.Module):
+    """Deformable registration: a SwinUNETR-v2 predicts a dense displacement field (DDF) that warps the moving image.
+
+    Input ``[N, 2 m, X, Y, Z]``: the moving image's m channels, then the fixed image's. Output ``(warped, ddf)``:
+    the moving image resampled by the field ``[N, m, X, Y, Z]`` and the field ``[N, 3, X, Y, Z]`` in voxels (channel
+    i moves along spatial axis i, MONAI ``Warp``'s convention), so ``warped(x) = moving(x + ddf(x))``.
+
+    Args:
+        in_channels: moving plus fixed channels (2 for one-channel images).
+        feature_size: the SwinUNETR feature size C.
+        dropout: SwinUNETR ``drop_rate``.
+        use_checkpoint: gradient checkpointing in the Swin blocks.
+    """
+
+    def __init__(self, in_channels: int = 2, feature_size: int = 48, dropout: float = 0.0,
+                 use_checkpoint: bool = False) -> None:
+        super().__init__()
+        if in_channels % 2:
+            raise ConfigError(f"a registration network takes moving and fixed images with the same channels, "
+                              f"so in_channels must be even, got {in_channels}; set the task's in_channels to 2.")
+        self.backbone = SwinUNETR(in_channels=in_channels, out_channels=3, feature_size=feature_size, use_v2=True,
+                                  drop_rate=dropout, use_checkpoint=use_checkpoint)
+        # Start near the identity transform (as VoxelMorph and TransMorph do): a random field would fold the
+        # moving image before training begins.
+        nn.init.normal_(self.backbone.out.conv.conv.weight, mean=0.0, std=1e-5)
+        nn.init.zeros_(self.backbone.out.conv.conv.bias)
+        self.warp = Warp(mode="bilinear", padding_mode="border")
+        self.moving_channels = in_channels // 2
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ddf = self.backbone(image)
+        return self.warp(image[:, : self.moving_channels], ddf), ddf
+
+
+def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = "B", dropout: float = 0.0,
+                       use_checkpoint: bool = False) -> nn.Module:
+    """The network of a task: SwinUNETR-v2 / UNETR (segmentation), EncoderClassifier, or RegistrationNetwork.
+
+    Args:
+        task: the registry entry (``task_type``, ``in_channels``, ``out_channels``, ``roi_size``).
+        backbone: ``"swin"`` (every task type) or ``"vit"`` (MONAI UNETR, segmentation only).
+        size: ``"tiny"`` / ``"B"`` / ``"L"`` / ``"H"`` (Swin feature size 12 / 48 / 96 / 192, or an int divisible
+            by 12); ``"tiny"`` / ``"B"`` for the ViT.
+        dropout: SwinUNETR ``drop_rate``, UNETR ``dropout_rate``, or the classifier's dropout on the embedding.
+        use_checkpoint: gradient checkpointing of the Swin blocks (less memory, more compute).
+
+    Raises:
+        ConfigError: a task type or backbone without a network here, an unknown size, or a roi the network cannot
+            take (Swin: divisible by 32 and not 32^3, ViT: divisible by 16).
+    """
+    backbone = str(backbone).lower()
+    allowed = TASK_BACKBONES.get(task.task_type)
+    if allowed is None:
+        raise ConfigError(f"task {task.id!r} is a {task.task_type} task, which has no network here; "
+                          f"pick a segmentation, classification or registration task.")
+    if backbone not in allowed:
+        raise ConfigError(f"backbone {backbone!r} is not available for {task.task_type} (task {task.id!r}); "
+                          f"use one of {', '.join(allowed)}.")
+    _check_roi(task, VIT_DIVISOR if backbone == "vit" else SWIN_DIVISOR)
+
+    if task.task_type == "segmentation" and backbone == "vit":
+        by_name = {name.lower(): value for name, value in VIT_SIZES.items()}
+        if str(size).lower() not in by_name:
+            raise ConfigError(f"unknown ViT size {size!r}; use one of {', '.join(VIT_SIZES)}.")
+        return UNETR(in_channels=task.in_channels, out_channels=task.out_channels, img_size=task.roi_size,
+                     dropout_rate=dropout, **by_name[str(size).lower()])
+    if task.task_type == "segmentation":  # monai >= 1.5 needs no img_size
+        return SwinUNETR(in_channels=task.in_channels, out_channels=task.out_channels,
+                         feature_size=swin_feature_size(size), use_v2=True, drop_rate=dropout,
+                         use_checkpoint=use_checkpoint)
+    if task.task_type == "classification":
+        encoder = build_backbone(backbone, size, in_channels=task.in_channels, use_checkpoint=use_checkpoint)
+        return EncoderClassifier(encoder, task.out_channels, dropout=dropout)
+    return RegistrationNetwork(in_channels=task.in_channels, feature_size=swin_feature_size(size), dropout=dropout,
+                               use_checkpoint=use_checkpoint)
+
+
+def _check_roi(task: Task, divisor: int) -> None:
+    roi = [int(size) for size in task.roi_size]
+    if any(size % divisor for size in roi):
+        raise ConfigError(f"task {task.id!r} has roi_size {roi}, which this network cannot take; "
+                          f"give a roi_size divisible by {divisor} in every axis.")
+    # Instance norm of the stride-32 Swin features fails in training on a single voxel (e.g. a 32^3 roi).
+    if divisor == SWIN_DIVISOR and all(size == SWIN_DIVISOR for size in roi):
+        raise ConfigError(f"task {task.id!r} has roi_size {roi}, too small for the Swin network to train; "
+                          f"make at least one axis {2 * SWIN_DIVISOR} voxels.")
+
+
+def encoder_of(network: nn.Module) -> nn.Module:
+    """The part of a task network that pretrained weights go into (its modules, shared, not copied).
+
+    For a SwinUNETR (alone or inside a RegistrationNetwork) this is a ``ModuleDict`` of its ``swinViT`` and
+    ``encoder1|2|3|4|10``, whose state-dict keys are exactly those of the official ``VoCo_*_SSL_head.pt``; for an
+    EncoderClassifier its ``encoder``; for a UNETR its ViT.
+    """
+    if isinstance(network, EncoderClassifier):
+        return network.encoder
+    if isinstance(network, RegistrationNetwork):
+        return encoder_of(network.backbone)
+    if isinstance(network, SwinUNETR):
+        return nn.ModuleDict({name: getattr(network, name) for name in ("swinViT", *ENCODER_BLOCKS)})
+    if isinstance(network, UNETR):
+        return network.vit
+    if isinstance(network, SwinEncoder):
+        return network
+    raise ConfigError(f"a {type(network).__name__} has no known encoder; pass a network from build_task_network.")
+
+
+def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | Mapping[str, Any] | None, *,
+                               mode: str = "finetune", min_loaded_fraction: float = 0.5) -> LoadReport | None:
+    """Load pretrained encoder weights into a task network and set which parameters train.
+
+    Args:
+        network: a network from :func:`build_task_network`.
+        source: a checkpoint path or dict in any format :func:`voco.checkpoints.encoder_state_dict` recognises;
+            ``None`` or ``"scratch"`` with ``mode="scratch"``.
+        mode: ``"finetune"`` (load the encoder, train everything), ``"frozen"`` (load, freeze the encoder),
+            ``"linear_probe"`` (classification only: load, train the final linear layer alone) or ``"scratch"``
+            (random initialisation, nothing loaded).
+        min_loaded_fraction: refuse a checkpoint of which less than this fraction of the encoder's tensors fit.
+
+    Returns:
+        The load report (its summary is printed), or None for ``"scratch"``. Give the optimizer only the
+        parameters that still require gradients.
+
+    Raises:
+        ConfigError: an unknown mode, a missing source (or one given with ``"scratch"``), linear probing of a
+            network that is not a classifier.
+        CheckpointError: the checkpoint cannot be read or too little of it fits the encoder.
+    """
+    if mode not in INITIALIZATION_MODES:
+        raise ConfigError(f"initialisation mode {mode!r} is unknown; use one of {', '.join(INITIALIZATION_MODES)}.")
+    no_source = source is None or (isinstance(source, str) and source == "scratch")
+    if mode == "scratch":
+        if not no_source:
+            raise ConfigError(f"mode 'scratch' loads no weights, but the checkpoint {_describe(source)} was given; "
+                              "drop the checkpoint or use mode 'finetune'.")
+        return None
+    if no_source:
+        raise ConfigError(f"mode {mode!r} needs a pretrained checkpoint; pass its path as the source, "
+                          "or use mode 'scratch'.")
+    if mode == "linear_probe" and not isinstance(network, EncoderClassifier):
+        raise ConfigError(f"mode 'linear_probe' trains a classifier's final linear layer, and a "
+                          f"{type(network).__name__} has none; use mode 'frozen' or 'finetune'.")
+
+    encoder = encoder_of(network)
+    report = load_encoder_weights(encoder, source, min_loaded_fraction=min_loaded_fraction)
+    print(f"pretrained encoder ({mode}): {report.summary()}")
+    if mode == "frozen":
+        encoder.requires_grad_(False)
+    elif mode == "linear_probe":
+        network.requires_grad_(False)
+        network.head.requires_grad_(True)
+    return report
+
+
+def _describe(source: Any) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "dict"
+
+
+# -------------------------------------------------------------------------------------------------------- losses
+
+
+class RegistrationLoss(nn.Module):
+    """Unsupervised registration loss, optionally with label overlap::
+
+        similarity(warped, fixed) + regularization_weight * regularization(ddf)
+                                  + label_weight * Dice(warp(one-hot moving label), fixed label)
+
+    Args:
+        num_labels: label values 0 .. num_labels - 1 (background included), for the Dice term.
+        similarity: ``"lncc"`` (MONAI LocalNormalizedCrossCorrelationLoss, window ``kernel_size``, as the
+            VoxelMorph/TransMorph NCC) or ``"mse"``.
+        regularization: ``"bending"`` (MONAI BendingEnergyLoss) or ``"diffusion"`` (MONAI DiffusionLoss, the
+            TransMorph reference's gradient penalty).
+        regularization_weight: weight of the smoothness term.
+        label_weight: weight of the Dice term (0 switches it off; it needs the labels then).
+        kernel_size: LNCC window, voxels.
+
+    ``forward(warped, fixed, ddf, moving_label=None, fixed_label=None)`` returns the scalar loss;
+    :meth:`components` returns it under ``"loss"`` with its parts under ``"loss/<part>"``.
+    """
+
+    def __init__(self, num_labels: int = 2, similarity: str = "lncc", regularization: str = "bending",
+                 regularization_weight: float = 1.0, label_weight: float = 0.0, kernel_size: int = 9) -> None:
+        super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ConfigError(f"registration similarity {similarity!r} is unknown; use one of "
+                              f"{', '.join(SIMILARITIES)}.")
+        if regularization not in REGULARIZATIONS:
+            raise ConfigError(f"registration regularization {regularization!r} is unknown; use one of "
+                              f"{', '.join(REGULARIZATIONS)}.")
+        self.similarity = (LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=kernel_size)
+                           if similarity == "lncc" else nn.MSELoss())
+        self.regularization = BendingEnergyLoss() if regularization == "bending" else DiffusionLoss()
+        self.regularization_weight = regularization_weight
+        self.label_weight = label_weight
+        self.num_labels = num_labels
+        self.label_dice = DiceLoss(include_background=False, to_onehot_y=True)
+        # Bilinear, so that the Dice term has gradients with respect to the field.
+        self.warp = Warp(mode="bilinear", padding_mode="border")
+
+    def components(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
+                   moving_label: torch.Tensor | None = None, fixed_label: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+        parts = {"loss/similarity": self.similarity(warped, fixed),
+                 "loss/regularization": self.regularization(ddf)}
+        loss = parts["loss/similarity"] + self.regularization_weight * parts["loss/regularization"]
+        if self.label_weight:
+            if moving_label is None or fixed_label is None:
+                raise ConfigError("the registration loss has a label (Dice) term but the batch has no moving and "
+                                  "fixed labels; add them to the datalist or set label_weight to 0.")
+            warped_label = self.warp(one_hot(moving_label, self.num_labels), ddf)
+            parts["loss/label_dice"] = self.label_dice(warped_label, fixed_label)
+            loss = loss + self.label_weight * parts["loss/label_dice"]
+        return {"loss": loss, **parts}
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
+                moving_label: torch.Tensor | None = None, fixed_label: torch.Tensor | None = None) -> torch.Tensor:
+        return self.components(warped, fixed, ddf, moving_label, fixed_label)["loss"]
+
+
+def task_loss(task: Task, *, similarity: str = "lncc", regularization: str = "bending",
+              regularization_weight: float = 1.0, label_weight: float = 0.0) -> nn.Module:
+    """The training loss of a task.
+
+    - segmentation: ``DiceCELoss(to_onehot_y, softmax)`` with the BTCV reference's squared Dice and smoothing;
+      called as ``loss(logits [N, K, ...], label [N, 1, ...])``.
+    - classification: ``BCEWithLogitsLoss`` for one output (label float ``[N, 1]``), else ``CrossEntropyLoss``
+      (label long ``[N]``).
+    - registration: :class:`RegistrationLoss` (the keyword arguments apply to it only), with the task's
+      anatomical labels plus background for its Dice term.
+    """
+    if task.task_type == "segmentation":
+        return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
+    if task.task_type == "classification":
+        return nn.BCEWithLogitsLoss() if task.out_channels == 1 else nn.CrossEntropyLoss()
+    if task.task_type == "registration":
+        return RegistrationLoss(num_labels=task.num_classes + 1, similarity=similarity,
+                                regularization=regularization, regularization_weight=regularization_weight,
+                                label_weight=label_weight)
+    raise ConfigError(f"task {task.id!r} is a {task.task_type} task, which has no loss here; "
+                      f"pick a segmentation, classification or registration task.")

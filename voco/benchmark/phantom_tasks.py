@@ -1,0 +1,97 @@
+"""The synthetic downstream tasks "phantom-seg" and "phantom-cls": phantoms plus the datalist their task names.
+
+Both tasks read the same phantom set (`voco.data.phantoms`): phantom-seg segments its organs (label maps in
+`PHANTOM_CLASSES` order), phantom-cls tells whether a phantom has a lesion (its "lesion" attribute). They let the
+downstream benchmark run end to end on a CPU, from a clean checkout, in about a minute:
+
+    dataset_dir = prepare_phantom_task("phantom-seg", "runs/phantom_tasks")
+    rows = check_task_dataset(get_task("phantom-seg"), dataset_dir)   # [] when all is well
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from voco.benchmark.registry import Task, get_task
+from voco.data.manifest import load_manifest, to_datalist
+from voco.data.phantoms import ensure_phantoms
+from voco.errors import ConfigError
+
+
+def _validation_indices(labels: list[int] | None, count: int, n_validation: int) -> list[int]:
+    """Which phantoms go to validation: the last `n_validation`, or for classes an equal share of each class
+    (taken from the end of each class's list), topped up from the other class where one is short."""
+    if labels is None:
+        return list(range(count - n_validation, count))
+    by_class = {value: [i for i in range(count) if labels[i] == value] for value in (0, 1)}
+    wanted = {0: n_validation // 2, 1: n_validation - n_validation // 2}
+    for value in (0, 1):  # a class short of its share gives the rest to the other
+        other = 1 - value
+        shortfall = max(0, wanted[value] - len(by_class[value]))
+        wanted[value] -= shortfall
+        wanted[other] += shortfall
+    return sorted(index for value in (0, 1) for index in by_class[value][len(by_class[value]) - wanted[value]:])
+
+
+def _write_json_atomically(content: Any, path: Path) -> None:
+    """Write JSON to a temporary file renamed over `path`, so a reader never sees half a datalist."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(content, stream, indent=1)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def prepare_phantom_task(task_id: str, dataset_dir: str | os.PathLike, *, n: int = 12, n_validation: int = 4,
+                         seed: int = 0, **phantom_options: Any) -> Path:
+    """Make (or reuse) `n` phantoms in `dataset_dir` and write the task's Decathlon-style datalist there.
+
+    Args:
+        task_id: "phantom-seg" or "phantom-cls" (a registry task with provenance {"synthetic": true}).
+        dataset_dir: the folder for the phantoms and the datalist; a folder holding other files is refused.
+        n: number of phantoms.
+        n_validation: how many of them the "validation" list gets (the rest are "training"); for phantom-cls
+            half of them have a lesion where the set allows.
+        seed: the phantom seed (`voco.data.phantoms.ensure_phantoms`).
+        phantom_options: further options of `voco.data.phantoms.synthesize`, e.g. a small `shape_range` in tests.
+
+    Returns:
+        `dataset_dir`, holding the task's datalist file (`Task.datalist_file`) with paths relative to it:
+        phantom-seg entries {"image", "label": label map}, phantom-cls entries {"image", "label": 0 or 1}.
+    """
+    task: Task = get_task(task_id)
+    if not task.provenance.get("synthetic"):
+        raise ConfigError(f"{task.id} is not a synthetic phantom task; give phantom-seg or phantom-cls.")
+    if not (all(isinstance(value, int) and not isinstance(value, bool) for value in (n, n_validation))
+            and 1 <= n_validation < n):
+        raise ConfigError(f"n_validation is {n_validation!r} for n={n!r} phantoms; give whole numbers with "
+                          f"1 <= n_validation < n, so that both training and validation get phantoms.")
+    dataset_dir = Path(dataset_dir).expanduser().resolve()
+    manifest = load_manifest(ensure_phantoms(dataset_dir, n, seed, **phantom_options))
+    scans = to_datalist(manifest, dataset_dir)
+    classify = task.task_type == "classification"
+    labels = [int(bool(scan["attributes"]["lesion"])) for scan in scans] if classify else None
+    entries = []
+    for index, scan in enumerate(scans):
+        entry = {task.image_key: os.path.relpath(scan["image"], dataset_dir)}
+        entry[task.label_key] = labels[index] if classify else os.path.relpath(scan["label"], dataset_dir)
+        entries.append(entry)
+    validation = set(_validation_indices(labels, len(entries), n_validation))
+    class_names = task.class_names if classify else ("background", *task.class_names)
+    _write_json_atomically({
+        "name": task.id,
+        "description": f"{task.dataset}: {n} phantoms, seed {seed}",
+        "labels": {str(index): name for index, name in enumerate(class_names)},
+        "numTraining": len(entries) - len(validation),
+        "training": [entry for index, entry in enumerate(entries) if index not in validation],
+        "validation": [entry for index, entry in enumerate(entries) if index in validation],
+    }, dataset_dir / task.datalist_file)
+    return dataset_dir

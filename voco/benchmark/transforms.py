@@ -1,0 +1,229 @@
+"""Per-task MONAI pipelines, built from a registry `Task` (its roi, spacing, intensity and keys).
+
+The segmentation pipeline follows the MONAI SwinUNETR BTCV recipe that the VoCo downstream code uses::
+
+    LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd (bilinear / nearest)
+    -> ScaleIntensityRanged (CT window) or NormalizeIntensityd (MRI z-score) -> CropForegroundd -> SpatialPadd(roi)
+    train: RandCropByPosNegLabeld(roi, pos 1, neg 1) -> RandFlipd x3, RandRotate90d, RandScale/ShiftIntensityd
+    validation: the whole volume (the evaluator runs sliding-window inference over it)
+
+Classification fits the whole volume to the roi (resize, or centre crop/pad) and turns the class into the tensor
+the loss takes. Registration loads moving and fixed images (and their labels when the datalist has them) on one
+grid of roi size and concatenates the images into the 2-channel network input.
+
+    transform = task_transforms(task, train=True)
+    items = transform({"image": "ct.nii.gz", "label": "ct_seg.nii.gz"})  # a list of num_samples crops
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai import transforms as mt
+
+from voco.benchmark.registry import Task
+from voco.data.regions import CheckVolumed
+from voco.data.volumes import assert_valid_volume
+from voco.errors import ConfigError, ManifestError
+
+__all__ = ["CLASSIFICATION_FITS", "ClassLabeld", "registration_keys", "task_transforms"]
+
+CLASSIFICATION_FITS = ("resize", "crop")
+INTENSITY_KINDS = ("window", "zscore", "none")
+# Augmentation probabilities of the MONAI SwinUNETR BTCV recipe.
+FLIP_PROBABILITY = 0.1
+ROTATE90_PROBABILITY = 0.1
+INTENSITY_PROBABILITY = 0.1
+# Orientationd's axis labels given explicitly, so MONAI does not warn about its default labels changing.
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def registration_keys(task: Task) -> tuple[str, str, str, str]:
+    """Datalist keys of a registration pair: moving image, fixed image, moving label, fixed label.
+
+    They are the task's image and label keys with a ``moving_`` / ``fixed_`` prefix, e.g. ``moving_image``.
+    The pipeline adds ``task.image_key``: the moving and fixed images concatenated as channels.
+    """
+    return (f"moving_{task.image_key}", f"fixed_{task.image_key}",
+            f"moving_{task.label_key}", f"fixed_{task.label_key}")
+
+
+def task_transforms(task: Task, *, train: bool, num_samples: int = 2, classification_fit: str = "resize"
+                    ) -> mt.Compose:
+    """The MONAI pipeline of one task, for training (random crops and augmentations) or validation.
+
+    Args:
+        task: the registry entry; its ``roi_size``, ``spacing``, ``intensity``, ``image_key`` and ``label_key``
+            are used.
+        train: training pipeline (segmentation: ``num_samples`` random roi crops per volume, balanced between
+            foreground and background centres, then augmentations) or validation (the whole volume).
+        num_samples: crops per volume in training segmentation; the pipeline then returns a list of items.
+        classification_fit: how a classification volume is fitted to the roi: ``"resize"`` (trilinear, the whole
+            volume is seen) or ``"crop"`` (centre crop / pad at the native resolution).
+
+    Returns:
+        A ``Compose`` taking a datalist entry (paths) to tensors:
+
+        - segmentation: ``image [C, X, Y, Z]`` float, ``label [1, X, Y, Z]`` (class indices, as float); training
+          items are exactly ``roi_size``, validation volumes at least ``roi_size`` and keep their metadata (the
+          evaluator may invert or save predictions).
+        - classification: ``image [C, *roi]`` and ``label`` float ``[1]`` (one sigmoid output) or a long scalar.
+        - registration: ``image [2, *roi]`` (moving, fixed), the two images alone under the
+          :func:`registration_keys` and the labels where given.
+
+    Raises:
+        ConfigError: a task type without a fine-tuning pipeline, an unknown intensity kind or fit.
+    """
+    if task.task_type == "segmentation":
+        steps = _segmentation_steps(task, train, num_samples)
+    elif task.task_type == "classification":
+        steps = _classification_steps(task, train, classification_fit)
+    elif task.task_type == "registration":
+        steps = _registration_steps(task, train)
+    else:
+        raise ConfigError(f"task {task.id!r} is a {task.task_type} task, which has no fine-tuning pipeline; "
+                          f"pick a segmentation, classification or registration task.")
+    return mt.Compose(steps)
+
+
+# --------------------------------------------------------------------------------------------------- task types
+
+
+def _segmentation_steps(task: Task, train: bool, num_samples: int) -> list[mt.Transform]:
+    image, label = task.image_key, task.label_key
+    keys = [image, label]
+    steps = _read_steps(task, [image], [label]) + _intensity_and_foreground_steps(task, [image], keys)
+    steps.append(mt.SpatialPadd(keys=keys, spatial_size=task.roi_size))
+    if not train:
+        return steps
+    steps.append(mt.RandCropByPosNegLabeld(
+        keys=keys, label_key=label, spatial_size=task.roi_size, pos=1, neg=1, num_samples=num_samples,
+        image_key=image, image_threshold=_background_level(task)))
+    steps += _augmentation_steps(keys, [image], task.roi_size)
+    steps.append(mt.EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
+    return steps
+
+
+def _classification_steps(task: Task, train: bool, fit: str) -> list[mt.Transform]:
+    if fit not in CLASSIFICATION_FITS:
+        raise ConfigError(f"classification_fit={fit!r}; use one of {', '.join(CLASSIFICATION_FITS)}.")
+    image = task.image_key
+    steps = _read_steps(task, [image], []) + _intensity_and_foreground_steps(task, [image], [image])
+    if fit == "resize":
+        steps.append(mt.Resized(keys=image, spatial_size=task.roi_size, mode="trilinear"))
+    else:
+        steps.append(mt.ResizeWithPadOrCropd(keys=image, spatial_size=task.roi_size))
+    if train:
+        steps += _augmentation_steps([image], [image], task.roi_size)
+    steps += [ClassLabeld(keys=task.label_key, num_outputs=task.out_channels),
+              mt.EnsureTyped(keys=image, dtype=torch.float32, track_meta=False)]
+    return steps
+
+
+def _registration_steps(task: Task, train: bool) -> list[mt.Transform]:
+    moving_image, fixed_image, moving_label, fixed_label = registration_keys(task)
+    images, labels = [moving_image, fixed_image], [moving_label, fixed_label]
+    keys = images + labels
+    # Labels are optional (unsupervised registration); moving and fixed share one grid: no foreground crop,
+    # which would cut each image differently, but a centred crop/pad to the roi.
+    steps = _read_steps(task, images, labels, optional_labels=True)
+    steps += _intensity_steps(task.intensity, images)
+    steps.append(mt.ResizeWithPadOrCropd(keys=keys, spatial_size=task.roi_size, allow_missing_keys=True))
+    if train:  # one flip of the whole pair (RandFlipd draws once per call for all keys)
+        steps += [mt.RandFlipd(keys=keys, prob=FLIP_PROBABILITY, spatial_axis=axis, allow_missing_keys=True)
+                  for axis in range(3)]
+    steps.append(mt.ConcatItemsd(keys=images, name=task.image_key, dim=0))
+    if train:
+        steps.append(mt.EnsureTyped(keys=[task.image_key, *keys], dtype=torch.float32, track_meta=False,
+                                    allow_missing_keys=True))
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------ shared steps
+
+
+def _read_steps(task: Task, image_keys: list[str], label_keys: list[str], optional_labels: bool = False
+                ) -> list[mt.Transform]:
+    """Read, channel first, check, orient to RAS and resample (bilinear images, nearest labels)."""
+    keys = image_keys + label_keys
+    steps: list[mt.Transform] = [
+        mt.LoadImaged(keys=keys, allow_missing_keys=optional_labels),
+        mt.EnsureChannelFirstd(keys=keys, allow_missing_keys=optional_labels),
+    ]
+    if task.task_type == "registration" or task.in_channels == 1:  # the check is for single-channel volumes
+        steps.append(CheckVolumed(keys=image_keys, check=assert_valid_volume))
+    steps.append(mt.Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS, allow_missing_keys=optional_labels))
+    if task.spacing is not None:
+        modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
+        steps.append(mt.Spacingd(keys=keys, pixdim=task.spacing, mode=modes, allow_missing_keys=optional_labels))
+    return steps
+
+
+def _intensity_steps(intensity: Any, image_keys: list[str]) -> list[mt.Transform]:
+    if intensity.kind == "window":
+        if intensity.a_min is None or intensity.a_max is None:
+            raise ConfigError("a 'window' intensity needs a_min and a_max (the HU window); set both in the task.")
+        return [mt.ScaleIntensityRanged(keys=image_keys, a_min=intensity.a_min, a_max=intensity.a_max,
+                                        b_min=intensity.b_min, b_max=intensity.b_max, clip=intensity.clip)]
+    if intensity.kind == "zscore":
+        return [mt.NormalizeIntensityd(keys=image_keys, nonzero=intensity.nonzero,
+                                       channel_wise=intensity.channel_wise)]
+    if intensity.kind == "none":
+        return []
+    raise ConfigError(f"intensity kind {intensity.kind!r} is unknown; use one of {', '.join(INTENSITY_KINDS)}.")
+
+
+def _intensity_and_foreground_steps(task: Task, image_keys: list[str], keys: list[str]) -> list[mt.Transform]:
+    """Scale intensities and crop to the body; MRI is cropped before its z-score (background stays 0)."""
+    # "background < x", picklable for DataLoader workers (a lambda is not).
+    foreground = mt.CropForegroundd(keys=keys, source_key=image_keys[0], allow_smaller=True,
+                                    select_fn=functools.partial(operator.lt, _background_level(task)))
+    intensity = _intensity_steps(task.intensity, image_keys)
+    return [foreground, *intensity] if task.intensity.kind == "zscore" else [*intensity, foreground]
+
+
+def _background_level(task: Task) -> float:
+    """The intensity of air / background after scaling: the window's lower bound, else 0."""
+    return float(task.intensity.b_min) if task.intensity.kind == "window" else 0.0
+
+
+def _augmentation_steps(keys: list[str], image_keys: list[str], roi_size: Sequence[int]) -> list[mt.Transform]:
+    steps: list[mt.Transform] = [mt.RandFlipd(keys=keys, prob=FLIP_PROBABILITY, spatial_axis=axis)
+                                 for axis in range(3)]
+    if roi_size[0] == roi_size[1]:  # a quarter turn in the (x, y) plane keeps the crop's shape only when square
+        steps.append(mt.RandRotate90d(keys=keys, prob=ROTATE90_PROBABILITY, max_k=3))
+    steps += [mt.RandScaleIntensityd(keys=image_keys, factors=0.1, prob=INTENSITY_PROBABILITY),
+              mt.RandShiftIntensityd(keys=image_keys, offsets=0.1, prob=INTENSITY_PROBABILITY)]
+    return steps
+
+
+class ClassLabeld(mt.MapTransform):
+    """A datalist entry's class as the tensor its loss takes: float ``[1]`` for one sigmoid output, else a long scalar.
+
+    Written here because MONAI's EnsureTyped keeps a Python number 0-dimensional, which a one-output
+    BCEWithLogitsLoss cannot pair with logits ``[N, 1]``, and checks nothing.
+
+    Args:
+        keys: the label key(s).
+        num_outputs: the network's outputs: 1 (binary, labels 0 / 1) or the number of classes (labels 0 .. n-1).
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, num_outputs: int) -> None:
+        super().__init__(keys)
+        self.num_outputs = num_outputs
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        data = dict(data)
+        classes = 2 if self.num_outputs == 1 else self.num_outputs
+        for key in self.key_iterator(data):
+            value = torch.as_tensor(data[key]).reshape(-1)
+            is_index = value.numel() == 1 and float(value) == int(value) and 0 <= int(value) < classes
+            if not is_index:
+                raise ManifestError(f"classification label {data[key]!r} under {key!r} is not a class index in "
+                                    f"0..{classes - 1}; fix that datalist entry.")
+            data[key] = value.float() if self.num_outputs == 1 else value.long().reshape(())
+        return data
