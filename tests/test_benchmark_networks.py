@@ -103,11 +103,17 @@ def test_segmentation_pipeline_gives_roi_crops_in_training_and_ras_volumes_for_v
     assert {1, 2} <= set(volume["label"].unique().int().tolist())
 
 
-def test_zscore_intensity_normalises_the_foreground(phantom_files):
+def test_zscore_intensity_normalises_the_foreground_and_none_keeps_the_values(phantom_files):
     task = make_task("segmentation", intensity=Intensity(kind="zscore"), spacing=None)
     volume = task_transforms(task, train=False)(dict(phantom_files["first"]))
     foreground = volume["image"][volume["image"] != 0]
     assert abs(float(foreground.mean())) < 1e-3 and abs(float(foreground.std()) - 1.0) < 1e-2
+
+    original = nibabel.load(phantom_files["first"]["image"]).get_fdata()
+    for unscaled in (Intensity(kind="none"), None):
+        task = make_task("segmentation", intensity=unscaled, spacing=None)
+        volume = task_transforms(task, train=False)(dict(phantom_files["first"]))
+        assert float(volume["image"].max()) == original.max()  # HU as stored, only reoriented and cropped
 
 
 def test_classification_pipeline_fits_the_volume_and_types_the_label(phantom_files):
@@ -153,6 +159,11 @@ def test_task_types_without_a_pipeline_or_network_are_refused():
         task_transforms(task, train=True)
     with pytest.raises(ConfigError, match="vision-language"):
         build_task_network(task, size="tiny")
+    incomplete = dataclasses.replace(make_task("segmentation"), roi_size=None, runnable=False)
+    with pytest.raises(ConfigError, match="no roi_size"):
+        task_transforms(incomplete, train=False)
+    with pytest.raises(ConfigError, match="no roi_size"):
+        build_task_network(incomplete, size="tiny")
     with pytest.raises(ConfigError, match="divisible by 32"):
         build_task_network(make_task("segmentation", roi_size=(48, 48, 32)), size="tiny")
     with pytest.raises(ConfigError, match="64 voxels"):

@@ -59,11 +59,32 @@ class ManifestCommands:
         print(manifest_stats(manifest, dataset_dir=dataset_dir))
 
 
+class BenchmarkCommands:
+    """The downstream benchmark: list the tasks, check a dataset copy before training."""
+
+    def list(self, task_type: str | None = None, modality: str | None = None) -> None:
+        """Print the task registry as a table (filter with --task_type segmentation|classification|... --modality CT|MR)."""
+        from voco.benchmark.registry import format_task_table, task_rows
+
+        print(format_task_table(task_rows(task_type=task_type, modality=modality)))
+
+    def check(self, task: str, dataset_dir: str, voxels: bool = True) -> None:
+        """Verify that DATASET_DIR holds a complete, readable copy of TASK (its datalist, images, labels); exit 1 if not."""
+        from voco.benchmark.registry import check_task_dataset, get_task
+        from voco.data.folder import format_problem_table
+
+        rows = check_task_dataset(get_task(task), dataset_dir, read_voxels=voxels)
+        print(format_problem_table(rows))
+        if rows:
+            raise SystemExit(1)
+
+
 class VocoCommands:
     """voco: self-supervised pretraining of 3-D medical image encoders (MONAI bundles, MLflow)."""
 
     def __init__(self) -> None:
         self.manifest = ManifestCommands()
+        self.benchmark = BenchmarkCommands()
 
     def synth(self, out: str, n: int = 20, seed: int = 0) -> None:
         """Write N synthetic CT phantoms (NIfTI, HU, label maps, reports) and their manifest into OUT."""

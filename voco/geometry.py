@@ -252,18 +252,20 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | 
     """
     batch_size, num_crops = boxes.shape[:2]
     device = images.device
-    boxes = boxes.to(device=device, dtype=torch.long)
+    # Checks run where the boxes are (CPU boxes: no device synchronisation), then indices move to the images.
     size = (boxes[0, 0, 3:] - boxes[0, 0, :3]).tolist()
     if not bool(((boxes[..., 3:] - boxes[..., :3]) == boxes.new_tensor(size)).all()):
         raise ValueError("crop_boxes needs boxes of one size; resize crops of different sizes separately.")
     if flips is None:
-        flips = torch.zeros(batch_size, num_crops, 3, dtype=torch.bool, device=device)
+        flips = torch.zeros(batch_size, num_crops, 3, dtype=torch.bool)
     if rotations is None:
-        rotations = torch.zeros(batch_size, num_crops, dtype=torch.long, device=device)
-    flips, rotations = flips.to(device=device, dtype=torch.bool), rotations.to(device=device) % 4
-    odd = rotations % 2 == 1
-    if size[0] != size[1] and bool(odd.any()):
+        rotations = torch.zeros(batch_size, num_crops, dtype=torch.long)
+    rotations = rotations % 4
+    if size[0] != size[1] and bool((rotations % 2 == 1).any()):
         raise ValueError(f"rot90 in the x-y plane by an odd k needs square crops, got {size}.")
+    boxes = boxes.to(device=device, dtype=torch.long)
+    flips, rotations = flips.to(device=device, dtype=torch.bool), rotations.to(device=device)
+    odd = rotations % 2 == 1
     # torch.rot90 by k = flip y then transpose (k=1), flip x and y (k=2), flip x then transpose (k=3).
     reverse = flips.clone()
     reverse[..., 0] ^= (rotations == 2) | (rotations == 3)

@@ -161,6 +161,9 @@ def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = 
 
 
 def _check_roi(task: Task, divisor: int) -> None:
+    if task.roi_size is None:  # registry entries marked runnable=False may lack it
+        raise ConfigError(f"task {task.id!r} has no roi_size in the registry; complete its entry or pick a "
+                          "runnable task.")
     roi = [int(size) for size in task.roi_size]
     if any(size % divisor for size in roi):
         raise ConfigError(f"task {task.id!r} has roi_size {roi}, which this network cannot take; "

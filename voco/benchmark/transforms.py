@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from monai import transforms as mt
 
-from voco.benchmark.registry import Task
+from voco.benchmark.registry import Intensity, Task
 from voco.data.regions import CheckVolumed
 from voco.data.volumes import assert_valid_volume
 from voco.errors import ConfigError, ManifestError
@@ -76,8 +76,11 @@ def task_transforms(task: Task, *, train: bool, num_samples: int = 2, classifica
           :func:`registration_keys` and the labels where given.
 
     Raises:
-        ConfigError: a task type without a fine-tuning pipeline, an unknown intensity kind or fit.
+        ConfigError: a task type without a fine-tuning pipeline, no roi_size, an unknown intensity kind or fit.
     """
+    if task.roi_size is None:  # registry entries marked runnable=False may lack it
+        raise ConfigError(f"task {task.id!r} has no roi_size in the registry; complete its entry or pick a "
+                          "runnable task.")
     if task.task_type == "segmentation":
         steps = _segmentation_steps(task, train, num_samples)
     elif task.task_type == "classification":
@@ -163,7 +166,9 @@ def _read_steps(task: Task, image_keys: list[str], label_keys: list[str], option
     return steps
 
 
-def _intensity_steps(intensity: Any, image_keys: list[str]) -> list[mt.Transform]:
+def _intensity_steps(intensity: Intensity | None, image_keys: list[str]) -> list[mt.Transform]:
+    if intensity is None or intensity.kind == "none":  # the dataset's own preprocessing scaled the volumes
+        return []
     if intensity.kind == "window":
         if intensity.a_min is None or intensity.a_max is None:
             raise ConfigError("a 'window' intensity needs a_min and a_max (the HU window); set both in the task.")
@@ -172,8 +177,6 @@ def _intensity_steps(intensity: Any, image_keys: list[str]) -> list[mt.Transform
     if intensity.kind == "zscore":
         return [mt.NormalizeIntensityd(keys=image_keys, nonzero=intensity.nonzero,
                                        channel_wise=intensity.channel_wise)]
-    if intensity.kind == "none":
-        return []
     raise ConfigError(f"intensity kind {intensity.kind!r} is unknown; use one of {', '.join(INTENSITY_KINDS)}.")
 
 
@@ -183,12 +186,14 @@ def _intensity_and_foreground_steps(task: Task, image_keys: list[str], keys: lis
     foreground = mt.CropForegroundd(keys=keys, source_key=image_keys[0], allow_smaller=True,
                                     select_fn=functools.partial(operator.lt, _background_level(task)))
     intensity = _intensity_steps(task.intensity, image_keys)
-    return [foreground, *intensity] if task.intensity.kind == "zscore" else [*intensity, foreground]
+    zscore = task.intensity is not None and task.intensity.kind == "zscore"
+    return [foreground, *intensity] if zscore else [*intensity, foreground]
 
 
 def _background_level(task: Task) -> float:
     """The intensity of air / background after scaling: the window's lower bound, else 0."""
-    return float(task.intensity.b_min) if task.intensity.kind == "window" else 0.0
+    window = task.intensity is not None and task.intensity.kind == "window"
+    return float(task.intensity.b_min) if window else 0.0
 
 
 def _augmentation_steps(keys: list[str], image_keys: list[str], roi_size: Sequence[int]) -> list[mt.Transform]:

@@ -101,8 +101,9 @@ def make_crops(images: torch.Tensor, layout: CropLayout, random_crops_per_volume
     """
     batch_size, channels = images.shape[:2]
     num_base, num_random = layout.num_base_crops, random_crops_per_volume
-    base_boxes = layout.base_boxes(images.device)
-    random_boxes = sample_random_boxes(layout, num_random, batch_size, crop_sampling, generator, images.device)
+    # Boxes, labels and augmentation parameters are a few numbers: drawn on the CPU, then moved once.
+    base_boxes = layout.base_boxes()
+    random_boxes = sample_random_boxes(layout, num_random, batch_size, crop_sampling, generator)
     labels = position_labels(random_boxes, base_boxes)
     boxes = torch.cat([base_boxes.expand(batch_size, num_base, -1), random_boxes], dim=1)
     flips = rotations = offsets = None
@@ -114,7 +115,8 @@ def make_crops(images: torch.Tensor, layout: CropLayout, random_crops_per_volume
         crops = crops.view(batch_size, num_base + num_random, channels, *layout.input_size)
     if offsets is not None:
         crops = crops + offsets.to(crops)[..., None, None, None, None]
-    return VoCoCrops(crops, base_boxes, random_boxes, labels)
+    device = images.device
+    return VoCoCrops(crops, base_boxes.to(device), random_boxes.to(device), labels.to(device))
 
 
 # --------------------------------------------------------------------------------------------------

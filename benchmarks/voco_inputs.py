@@ -1,0 +1,119 @@
+"""CPU milliseconds per volume to make VoCo's model inputs (crops + position labels), V2 layout.
+
+Ours: `voco.pretext.voco.make_crops` on a batch of regions: one gather cuts, flips and rotates all
+9 base + 2 random crops of every region, then one intensity shift (what the pretext does on the device).
+Reference-like: for each crop of each volume, a MONAI chain as in the reference loader
+(SpatialCropd -> RandFlipd x 3 -> RandRotate90d -> RandShiftIntensityd, composed with Compose and built
+per volume, since the random centres change), the labels computed in Python, then the crops stacked
+into a batch as the DataLoader's collate would.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/voco_inputs.py --threads 1 --batch 4 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def reference_position_labels(centre_x: int, centre_y: int, crop: int, base: int, grid: int) -> np.ndarray:
+    """The reference's label loop for one random crop -> [grid * grid]."""
+    half = crop // 2
+    x_min, x_max, y_min, y_max = centre_x - half, centre_x + half, centre_y - half, centre_y + half
+    labels = []
+    for i in range(grid):
+        for j in range(grid):
+            dx = min((i + 1) * base, x_max) - max(i * base, x_min)
+            dy = min((j + 1) * base, y_max) - max(j * base, y_min)
+            labels.append(0.0 if dx <= 0 or dy <= 0 else dx * dy / (crop * crop))
+    return np.asarray(labels)
+
+
+def reference_inputs(regions: list, rng: np.random.Generator, grid: int = 3, crop: int = 64,
+                     random_crops: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-crop MONAI transform chains, as the reference's loader runs them, for a list of volumes."""
+    from monai.transforms import Compose, RandFlipd, RandRotate90d, RandShiftIntensityd, SpatialCropd
+
+    def chain(centre: list[int]) -> Compose:
+        return Compose([
+            SpatialCropd(keys=["image"], roi_center=centre, roi_size=[crop, crop, crop]),
+            RandFlipd(keys=["image"], prob=0.2, spatial_axis=0),
+            RandFlipd(keys=["image"], prob=0.2, spatial_axis=1),
+            RandFlipd(keys=["image"], prob=0.2, spatial_axis=2),
+            RandRotate90d(keys=["image"], prob=0.2, max_k=3),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        ])
+
+    all_crops, all_labels = [], []
+    for region in regions:
+        extent = region["image"].shape[1]
+        base_chains = [chain([int((i + 0.5) * crop), int((j + 0.5) * crop), crop // 2])
+                       for i in range(grid) for j in range(grid)]
+        random_chains, labels = [], []
+        for _ in range(random_crops):
+            centre_x, centre_y = (int(v) for v in rng.integers(crop // 2, extent - crop // 2, size=2))
+            random_chains.append(chain([centre_x, centre_y, crop // 2]))
+            labels.append(reference_position_labels(centre_x, centre_y, crop, crop, grid))
+        crops = [t(region)["image"] for t in base_chains + random_chains]
+        all_crops.append(torch.stack([torch.as_tensor(c) for c in crops]))
+        all_labels.append(torch.as_tensor(np.stack(labels)))
+    return torch.stack(all_crops), torch.stack(all_labels)
+
+
+def median_ms(function, repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--batch", type=int, default=4, help="volumes per batch")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="device of our path (the reference path is CPU only)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from monai.data import MetaTensor
+
+    from voco.geometry import VOCO_V2_LAYOUT
+    from voco.pretext.voco import V2_AUGMENTATION, make_crops
+
+    layout = VOCO_V2_LAYOUT
+    regions = torch.rand(args.batch, 1, *layout.region_size, generator=torch.Generator().manual_seed(0))
+    device_regions = regions.to(args.device)
+    generator = torch.Generator().manual_seed(0)
+
+    def ours() -> None:
+        views = make_crops(device_regions, layout, 2, "reference", V2_AUGMENTATION, generator)
+        if device_regions.is_cuda:
+            torch.cuda.synchronize()
+        assert views.crops.shape == (args.batch, 11, 1, 64, 64, 64)
+
+    volumes = [{"image": MetaTensor(region)} for region in regions]
+    rng = np.random.default_rng(0)
+
+    def reference() -> None:
+        crops, labels = reference_inputs(volumes, rng)
+        assert crops.shape == (args.batch, 11, 1, 64, 64, 64) and labels.shape == (args.batch, 2, 9)
+
+    ours_ms = median_ms(ours, args.repeats) / args.batch
+    reference_ms = median_ms(reference, args.repeats) / args.batch
+    print(f"VoCo V2 inputs (region {layout.region_size}, 9 base + 2 random crops of 64^3, batch {args.batch}, "
+          f"{args.threads} thread(s), median of {args.repeats})")
+    print(f"  ours ({args.device}, batched gather): {ours_ms:8.2f} ms per volume")
+    print(f"  per-crop MONAI chain (cpu):  {reference_ms:8.2f} ms per volume")
+    print(f"  ratio: {reference_ms / ours_ms:.1f}x less time for ours")
+
+
+if __name__ == "__main__":
+    main()
