@@ -7,7 +7,7 @@ Reference-like: for each crop of each volume, a MONAI chain as in the reference 
 per volume, since the random centres change), the labels computed in Python, then the crops stacked
 into a batch as the DataLoader's collate would.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/voco_inputs.py --threads 1 --batch 4 --repeats 20
+    PYTHONPATH=. .venv/bin/python benchmarks/voco_inputs.py --threads 1 --batch 4 --repeats 30
 """
 
 from __future__ import annotations
@@ -64,21 +64,24 @@ def reference_inputs(regions: list, rng: np.random.Generator, grid: int = 3, cro
     return torch.stack(all_crops), torch.stack(all_labels)
 
 
-def median_ms(function, repeats: int) -> float:
-    function()  # warm-up
-    times = []
+def median_ms(functions: list, repeats: int) -> list[float]:
+    """Median wall milliseconds of each function; calls are interleaved so that a busy machine slows all alike."""
+    times: list[list[float]] = [[] for _ in functions]
+    for function in functions:
+        function()  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for function, samples in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            samples.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(samples) for samples in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--batch", type=int, default=4, help="volumes per batch")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--device", default="cpu", help="device of our path (the reference path is CPU only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,8 +109,7 @@ def main() -> None:
         crops, labels = reference_inputs(volumes, rng)
         assert crops.shape == (args.batch, 11, 1, 64, 64, 64) and labels.shape == (args.batch, 2, 9)
 
-    ours_ms = median_ms(ours, args.repeats) / args.batch
-    reference_ms = median_ms(reference, args.repeats) / args.batch
+    ours_ms, reference_ms = (ms / args.batch for ms in median_ms([ours, reference], args.repeats))
     print(f"VoCo V2 inputs (region {layout.region_size}, 9 base + 2 random crops of 64^3, batch {args.batch}, "
           f"{args.threads} thread(s), median of {args.repeats})")
     print(f"  ours ({args.device}, batched gather): {ours_ms:8.2f} ms per volume")

@@ -83,3 +83,30 @@ def test_checkpoints_resume_and_export(smoke_run, tmp_path):
     exported = torch.load(out, weights_only=True)
     trained = state["pretext"]
     assert all(torch.equal(exported[key], trained[f"backbone.{key}"]) for key in exported)
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node 2` with the multi-GPU overrides on CPU (gloo): one MLflow run, one checkpoint set."""
+    import os
+
+    import mlflow
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    configs = (f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/smoke.json',"
+               f"'{BUNDLE}/configs/multi_gpu_train.json']")
+    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    (tmp_path / "tmp").mkdir()
+    command = [str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
+               "--config_file", configs, "--bundle_root", str(BUNDLE), "--tracking", "mlflow",
+               "--tracking_uri", tracking_uri, "--run_name", "two-ranks"]
+    environment = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=environment)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("step 4/4") == 1  # progress from rank 0 only
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("voco_pretrain")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [run.info.run_name for run in runs] == ["two-ranks"] and runs[0].info.status == "FINISHED"
+    assert "loss" in runs[0].data.metrics
+    checkpoints = sorted(path.name for path in (tmp_path / "runs" / "two-ranks" / "checkpoints").glob("*.pt"))
+    assert "checkpoint_final.pt" in checkpoints

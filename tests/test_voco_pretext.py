@@ -206,12 +206,13 @@ def test_forward_rejects_batches_it_cannot_use():
 
 
 def test_loss_decreases_when_training_on_a_fixed_batch():
-    """20 AdamW steps on the same two phantom regions and crops: the loss must fall well below its start."""
+    """12 AdamW steps on the same two phantom regions and crops: the loss must fall well below its start
+    (measured: to 0.19-0.25 of it for three seeds; noise-free because crops, dropout and augmentation are fixed)."""
     pretext = tiny_pretext(augmentation=False, student_dropout=0.0)
     regions = smooth_phantoms(2, SMALL_LAYOUT.region_size)
     optimizer = torch.optim.AdamW([p for p in pretext.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(20):
+    for _ in range(12):
         pretext.generator.manual_seed(3)  # the same crops every step
         output = pretext({"image": regions})
         optimizer.zero_grad()

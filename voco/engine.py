@@ -112,8 +112,9 @@ class PretextTrainer(Trainer):
                 output["gradient_norm"] = torch.nn.utils.clip_grad_norm_(pretext.parameters(), self.gradient_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if hasattr(pretext, "after_step"):
-                pretext.after_step()
+            module = getattr(pretext, "module", pretext)  # the pretext itself under DistributedDataParallel
+            if hasattr(module, "after_step"):
+                module.after_step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         result = {key: value.detach() if isinstance(value, torch.Tensor) else value for key, value in output.items()}
         result["lr"] = optimizer.param_groups[0]["lr"]
@@ -174,6 +175,7 @@ class PretextValidation:
 
     No labels are needed: the pretext's own metrics (e.g. VoCo's position accuracy) measure it. Results are
     printed, stored in ``engine.state.metrics`` as ``val/<name>`` and logged to MLflow at the iteration.
+    Under torchrun every rank validates the same volumes (in step, as DistributedDataParallel needs); rank 0 logs.
     """
 
     def __init__(self, data_loader: Iterable, interval: int = 100, max_batches: int | None = None,
@@ -209,8 +211,11 @@ class PretextValidation:
         finally:
             pretext.train()
             torch.random.set_rng_state(cpu_state)
-        metrics = {f"val/{key}": value / max(batches, 1) for key, value in sums.items()
-                   if key.startswith(("loss", "metric/"))}
+        if batches == 0:
+            print(f"validation at step {engine.state.iteration}: no complete batch of held-out volumes; add "
+                  f"volumes or raise validation_fraction.", flush=True)
+            return {}
+        metrics = {f"val/{key}": value / batches for key, value in sums.items() if key.startswith(("loss", "metric/"))}
         engine.state.metrics.update(metrics)
         print(f"validation at step {engine.state.iteration}: " +
               "  ".join(f"{key} {value:.4g}" for key, value in metrics.items()), flush=True)
@@ -230,7 +235,7 @@ class ViewsPicture:
 
     @torch.no_grad()
     def __call__(self, engine: Engine) -> Path | None:
-        pretext = engine.network
+        pretext = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
         if not hasattr(pretext, "views"):
             return None
         batch = next(iter(self.data_loader))
@@ -277,15 +282,20 @@ def required_setting(name: str, what: str) -> None:
 def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str) -> Path:
     """Create the run folder; where the store is our embedded SQLite file, create the experiment with its
     artifacts beside the store (MLflow would otherwise put them in ./mlruns of whatever folder this runs in)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    if tracking_uri.startswith("sqlite:///"):
+    if tracking_uri.startswith("sqlite:///") and (not distributed or dist.get_rank() == 0):  # one writer: SQLite
         from voco.tracking import prepare_experiment
 
         try:
             prepare_experiment(tracking_uri, experiment_name)
         except ImportError:  # mlflow missing: only tracking needs it, and tracking reports that itself
             pass
+    if distributed:
+        dist.barrier()  # the other ranks wait until the store and experiment exist
     return folder
 
 

@@ -234,15 +234,18 @@ def sample_random_boxes(layout: CropLayout, num_crops: int, batch_size: int = 1,
 # --------------------------------------------------------------------------------------------------
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | None = None,
                rotations: torch.Tensor | None = None) -> torch.Tensor:
-    """Cut equally sized crops out of a batch of 3-D images in one gather, optionally flipped and rotated.
+    """Cut equally sized crops out of a batch of 3-D images with one gather, optionally flipped and rotated.
 
-    A flip reverses the index vector of an axis, and ``rot90`` in the x-y plane is a flip plus a
-    transpose of x and y, so cropping, flipping and rotating all fold into the indices of one gather
-    (no per-crop transform chain, no intermediate copies).
+    How: a crop is a stack of ``sx`` y-z slabs, and the slab at every (y0, z0) is a view of the images
+    (``unfold``), so one gather over (b, n, x) copies whole contiguous slabs, with x flips folded into
+    the x indices. ``torch.rot90`` by k is a flip of x and/or y followed, for odd k, by an x-y transpose;
+    what is left after the gather (y flips, z flips, transposes) is applied to the crops that have it,
+    grouped by combination. No per-crop transform chain.
 
     Args:
         images: ``[B, C, X, Y, Z]``.
         boxes: ``[B, N, 6]`` integer boxes inside the images, all of the same size ``(sx, sy, sz)``.
+            Boxes, flips and rotations on the CPU (as VoCo draws them) cost no device synchronisation.
         flips: optional ``[B, N, 3]`` bools: flip the crop along x, y, z.
         rotations: optional ``[B, N]`` ints k in 0..3: then ``torch.rot90(crop, k, dims=(x, y))``
             (applied after the flips; needs ``sx == sy`` when k is odd).
@@ -252,35 +255,35 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | 
     """
     batch_size, num_crops = boxes.shape[:2]
     device = images.device
-    # Checks run where the boxes are (CPU boxes: no device synchronisation), then indices move to the images.
     size = (boxes[0, 0, 3:] - boxes[0, 0, :3]).tolist()
     if not bool(((boxes[..., 3:] - boxes[..., :3]) == boxes.new_tensor(size)).all()):
         raise ValueError("crop_boxes needs boxes of one size; resize crops of different sizes separately.")
-    if flips is None:
-        flips = torch.zeros(batch_size, num_crops, 3, dtype=torch.bool)
-    if rotations is None:
-        rotations = torch.zeros(batch_size, num_crops, dtype=torch.long)
-    rotations = rotations % 4
-    if size[0] != size[1] and bool((rotations % 2 == 1).any()):
+    flips = torch.zeros(batch_size, num_crops, 3, dtype=torch.bool) if flips is None else flips.bool()
+    rotations = torch.zeros(batch_size, num_crops, dtype=torch.long) if rotations is None else rotations % 4
+    transpose = rotations % 2 == 1
+    if size[0] != size[1] and bool(transpose.any()):
         raise ValueError(f"rot90 in the x-y plane by an odd k needs square crops, got {size}.")
-    boxes = boxes.to(device=device, dtype=torch.long)
-    flips, rotations = flips.to(device=device, dtype=torch.bool), rotations.to(device=device)
-    odd = rotations % 2 == 1
     # torch.rot90 by k = flip y then transpose (k=1), flip x and y (k=2), flip x then transpose (k=3).
-    reverse = flips.clone()
-    reverse[..., 0] ^= (rotations == 2) | (rotations == 3)
-    reverse[..., 1] ^= (rotations == 1) | (rotations == 2)
+    reverse_x = flips[..., 0] ^ ((rotations == 2) | (rotations == 3))
+    reverse_y = flips[..., 1] ^ ((rotations == 1) | (rotations == 2))
+    after_gather = reverse_y.long() + 2 * flips[..., 2].long() + 4 * transpose.long()  # [B, N] codes 0..7
 
-    def axis_indices(axis: int) -> torch.Tensor:  # [B, N, size]: voxel indices along one axis
-        steps = torch.arange(size[axis], device=device)
-        steps = torch.where(reverse[..., axis, None], size[axis] - 1 - steps, steps)
-        return boxes[..., axis, None] + steps
-
-    x, y, z = axis_indices(0), axis_indices(1), axis_indices(2)
-    # Output voxel (u, v) reads x[u], y[v]; transposed (odd k) it reads x[v], y[u].
-    odd = odd[..., None, None]
-    rows = torch.where(odd, x[..., None, :], x[..., :, None])  # [B, N, sx, sy]
-    cols = torch.where(odd, y[..., :, None], y[..., None, :])  # [B, N, sx, sy]
-    batch_index = torch.arange(batch_size, device=device)[:, None, None, None, None]
-    crops = images[batch_index, :, rows[..., None], cols[..., None], z[..., None, None, :]]  # [B, N, sx, sy, sz, C]
-    return crops.movedim(-1, 2)
+    boxes, reverse_x = boxes.to(device=device, dtype=torch.long), reverse_x.to(device)
+    steps = torch.arange(size[0], device=device)
+    x = boxes[..., 0, None] + torch.where(reverse_x[..., None], size[0] - 1 - steps, steps)  # [B, N, sx]
+    slabs = images.unfold(3, size[1], 1).unfold(4, size[2], 1)  # [B, C, X, Y - sy + 1, Z - sz + 1, sy, sz], a view
+    batch_index = torch.arange(batch_size, device=device)[:, None, None]
+    crops = slabs[batch_index, :, x, boxes[..., 1, None], boxes[..., 2, None]]  # [B, N, sx, C, sy, sz]
+    crops = crops.movedim(3, 2)
+    for code in after_gather.unique().tolist():
+        if code == 0:
+            continue
+        which = tuple(index.to(device) for index in (after_gather == code).nonzero(as_tuple=True))
+        selected = crops[which]  # [M, C, sx, sy, sz]
+        flip_dims = [dim for dim, bit in ((-2, 1), (-1, 2)) if code & bit]
+        if flip_dims:
+            selected = selected.flip(flip_dims)
+        if code & 4:
+            selected = selected.transpose(-3, -2)
+        crops[which] = selected
+    return crops

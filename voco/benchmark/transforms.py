@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from monai import transforms as mt
 
-from voco.benchmark.registry import Intensity, Task
+from voco.benchmark.registry import Intensity, Task, registration_keys
 from voco.data.regions import CheckVolumed
 from voco.data.volumes import assert_valid_volume
 from voco.errors import ConfigError, ManifestError
 
-__all__ = ["CLASSIFICATION_FITS", "ClassLabeld", "registration_keys", "task_transforms"]
+__all__ = ["CLASSIFICATION_FITS", "ClassLabeld", "inference_transforms", "registration_keys", "task_transforms"]
 
 CLASSIFICATION_FITS = ("resize", "crop")
 INTENSITY_KINDS = ("window", "zscore", "none")
@@ -40,16 +40,6 @@ ROTATE90_PROBABILITY = 0.1
 INTENSITY_PROBABILITY = 0.1
 # Orientationd's axis labels given explicitly, so MONAI does not warn about its default labels changing.
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-def registration_keys(task: Task) -> tuple[str, str, str, str]:
-    """Datalist keys of a registration pair: moving image, fixed image, moving label, fixed label.
-
-    They are the task's image and label keys with a ``moving_`` / ``fixed_`` prefix, e.g. ``moving_image``.
-    The pipeline adds ``task.image_key``: the moving and fixed images concatenated as channels.
-    """
-    return (f"moving_{task.image_key}", f"fixed_{task.image_key}",
-            f"moving_{task.label_key}", f"fixed_{task.label_key}")
 
 
 def task_transforms(task: Task, *, train: bool, num_samples: int = 2, classification_fit: str = "resize"
@@ -91,6 +81,18 @@ def task_transforms(task: Task, *, train: bool, num_samples: int = 2, classifica
         raise ConfigError(f"task {task.id!r} is a {task.task_type} task, which has no fine-tuning pipeline; "
                           f"pick a segmentation, classification or registration task.")
     return mt.Compose(steps)
+
+
+def inference_transforms(task: Task) -> mt.Compose:
+    """Unlabelled volumes for prediction: read, orient, resample, scale, crop to the body and pad to the roi.
+
+    Every step is invertible, so MONAI's `Invertd` maps a prediction back onto the file's own grid.
+    """
+    if task.roi_size is None:
+        raise ConfigError(f"task {task.id!r} has no roi_size in the registry; complete its entry first.")
+    image = task.image_key
+    return mt.Compose(_read_steps(task, [image], []) + _intensity_and_foreground_steps(task, [image], [image])
+                      + [mt.SpatialPadd(keys=[image], spatial_size=task.roi_size)])
 
 
 # --------------------------------------------------------------------------------------------------- task types

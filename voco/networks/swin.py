@@ -75,7 +75,10 @@ class SwinEncoder(nn.Module):
                 block.use_checkpoint = bool(enabled)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``[N, in_channels, X, Y, Z]`` -> five maps ``[N, feature_channels[i], X/s, Y/s, Z/s]``, s = feature_strides[i]."""
+        """``[N, in_channels, X, Y, Z]`` -> five maps ``[N, feature_channels[i], X/s, Y/s, Z/s]``.
+
+        s = ``feature_strides[i]``. Raises ConfigError for a shape the encoder cannot take (wrong channels,
+        sizes not divisible by 32)."""
         if x.ndim != 5 or x.shape[1] != self.in_channels or any(s % self.spatial_divisor for s in x.shape[2:]):
             raise ConfigError(f"the Swin encoder needs input [N, {self.in_channels}, X, Y, Z] with X, Y, Z divisible "
                               f"by {self.spatial_divisor}, got {tuple(x.shape)}; change the crop/input size.")

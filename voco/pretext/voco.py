@@ -79,7 +79,7 @@ class VoCoCrops:
 
 
 def sample_augmentation(augmentation: CropAugmentation, batch_size: int, num_crops: int,
-                        generator: torch.Generator | None = None):
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw each crop's flips ``[B, N, 3]`` (bool), rot90 k ``[B, N]`` (0 = none) and intensity shift ``[B, N]``."""
     shape = (batch_size, num_crops)
     flips = torch.rand(*shape, 3, generator=generator) < augmentation.flip_probability
@@ -114,7 +114,7 @@ def make_crops(images: torch.Tensor, layout: CropLayout, random_crops_per_volume
         crops = F.interpolate(crops.flatten(0, 1), size=layout.input_size, mode="trilinear", align_corners=False)
         crops = crops.view(batch_size, num_base + num_random, channels, *layout.input_size)
     if offsets is not None:
-        crops = crops + offsets.to(crops)[..., None, None, None, None]
+        crops.add_(offsets.to(crops)[..., None, None, None, None])  # in place: crops is a fresh tensor
     device = images.device
     return VoCoCrops(crops, base_boxes.to(device), random_boxes.to(device), labels.to(device))
 
@@ -123,9 +123,9 @@ def make_crops(images: torch.Tensor, layout: CropLayout, random_crops_per_volume
 # Similarity and losses (exactly the reference's; test vectors in specs/voco.md section 4)
 # --------------------------------------------------------------------------------------------------
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """s(a, b) = ReLU(cos(a, b)) of every row of ``a [..., S, P]`` with every row of ``b [..., K, P]`` -> ``[..., S, K]``.
+    """s(a, b) = ReLU(cos(a, b)) of every row of ``a [..., S, P]`` with every row of ``b [..., K, P]``.
 
-    No temperature, no softmax. A single vector ``a [P]`` gives ``[K]``.
+    Returns ``[..., S, K]``; no temperature, no softmax. A single vector ``a [P]`` gives ``[K]``.
     """
     return F.relu(F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(-1, -2))
 
@@ -146,7 +146,8 @@ def position_loss(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tens
 
 
 def position_loss_v1(labels: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CVPR (V1) form of `position_loss`: (positive, negative) with the negative term sum[1(y = 0) * p^2] / #(y = 0)."""
+    """The CVPR (V1) form of `position_loss`: (positive, negative) per volume; the negative term is
+    sum[1(y = 0) * p^2] / #(y = 0)."""
     dims = tuple(range(max(labels.ndim - 2, 0), labels.ndim))
     positive = -(labels * torch.log(1 - (labels - predictions).abs() + 1e-6)).sum(dims) / (labels.sum(dims) + 1e-6)
     negatives = (labels == 0).to(predictions.dtype)
@@ -155,7 +156,9 @@ def position_loss_v1(labels: torch.Tensor, predictions: torch.Tensor) -> tuple[t
 
 
 def regularization_loss(bases: torch.Tensor) -> torch.Tensor:
-    """REG(q) = 2 / (K(K-1)) * sum_{i<j} ReLU(cos(q_i, stopgrad(q_j)))^2 over the K base crops: ``[..., K, P] -> [...]``."""
+    """REG(q) = 2 / (K(K-1)) * sum_{i<j} ReLU(cos(q_i, stopgrad(q_j)))^2 over the K base crops of a volume.
+
+    ``[..., K, P] -> [...]``."""
     num_bases = bases.shape[-2]
     cosines = F.normalize(bases, dim=-1) @ F.normalize(bases.detach(), dim=-1).transpose(-1, -2)  # [..., K, K]
     pairs = torch.triu(torch.ones(num_bases, num_bases, dtype=torch.bool, device=bases.device), diagonal=1)
@@ -235,8 +238,10 @@ class VoCoPretext(nn.Module):
                           self.generator)
 
     def project(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Embed crops ``[B, N, C, ...]`` in one backbone pass -> student and teacher projections ``[B, N, P]`` (float32)
-        and the teacher momentum. In training the teacher is updated by EMA first, as in the reference."""
+        """Embed crops ``[B, N, C, ...]`` in one backbone pass -> student and teacher projections ``[B, N, P]``
+        (float32, so that the losses' logs are exact under autocast) and the teacher momentum.
+
+        In training the teacher projector is first moved towards the student by EMA, as in the reference."""
         batch_size, num_crops = crops.shape[:2]
         embeddings = self.backbone(crops.flatten(0, 1))  # [B * N, D]: batch norms of the projectors see all crops
         student = self.student_projector(self.student_dropout(embeddings))

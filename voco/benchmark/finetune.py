@@ -1,0 +1,224 @@
+"""Fine-tuning and evaluation of one downstream task with MONAI engines: the parts the bundle composes.
+
+The bundle (bundles/downstream_benchmark) builds a MONAI `SupervisedTrainer` and `SupervisedEvaluator` from a
+registry `Task`; this module supplies what depends on the task type: the datalists, the inferer, the
+post-processing and metrics, and two handlers (per-class metrics as scalars, a picture of a validation case).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from ignite.engine import Engine, Events
+from monai import transforms as mt
+from monai.handlers import MeanDice, ROCAUC, from_engine
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+from voco.benchmark.registry import Task
+from voco.errors import ConfigError, ManifestError
+from voco.tracking import RunLogger
+
+FINETUNE_TYPES = ("segmentation", "classification")
+
+
+def task_datalists(task: Task, dataset_dir: str | Path, *, datalist: str | None = None,
+                   training_cases: int | None = None, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training, validation) entries of the task's Decathlon-style datalist with absolute paths.
+
+    Args:
+        datalist: another JSON instead of the registry's file (relative to `dataset_dir`).
+        training_cases: keep only this many training cases (a seeded choice): the few-label setting.
+    """
+    root = Path(dataset_dir).expanduser().resolve()
+    name = datalist or task.datalist_file
+    if name is None:
+        raise ConfigError(f"task {task.id!r} names no datalist file; pass --datalist with a Decathlon-style JSON.")
+    path = Path(name) if Path(name).is_absolute() else root / name
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path} does not exist; check the dataset with `voco benchmark check {task.id} "
+                            f"--dataset_dir {root}`.") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ManifestError(f"{path} cannot be read as JSON ({error}); fix or replace the datalist.") from None
+
+    def absolute(entry: Mapping[str, Any]) -> dict:
+        return {key: str(root / value) if isinstance(value, str) and key != "id" else value
+                for key, value in entry.items()}
+
+    training = [absolute(entry) for entry in data.get("training", [])]
+    validation = [absolute(entry) for entry in data.get("validation", [])]
+    if not training:
+        raise ManifestError(f"{path} has no 'training' entries; add the labelled cases to fine-tune on.")
+    if not validation:  # hold out a fifth of the cases, seeded, where the datalist has no validation list
+        random.Random(seed).shuffle(training)
+        count = max(1, len(training) // 5)
+        training, validation = training[count:], training[:count]
+    if training_cases is not None:
+        if not 1 <= training_cases <= len(training):
+            raise ConfigError(f"training_cases={training_cases} but {path} has {len(training)} training cases; "
+                              f"use 1..{len(training)}.")
+        training = random.Random(seed).sample(training, training_cases)
+    return training, validation
+
+
+def require_finetune_type(task: Task) -> Task:
+    if not task.runnable or task.task_type not in FINETUNE_TYPES:
+        reason = "is marked not runnable (see its notes)" if not task.runnable else f"is a {task.task_type} task"
+        raise ConfigError(f"task {task.id!r} {reason}; this bundle fine-tunes segmentation and classification "
+                          f"tasks ({', '.join(FINETUNE_TYPES)}).")
+    return task
+
+
+def inferer(task: Task, sw_batch_size: int = 4, overlap: float = 0.5):
+    """Sliding windows of the task's roi for segmentation (whole volumes at validation), one pass otherwise."""
+    if task.task_type == "segmentation":
+        return SlidingWindowInferer(roi_size=tuple(task.roi_size), sw_batch_size=sw_batch_size, overlap=overlap)
+    return SimpleInferer()
+
+
+def postprocessing(task: Task) -> mt.Compose:
+    """Predictions and labels as the metrics want them (one-hot for Dice; probabilities for AUC)."""
+    if task.task_type == "segmentation":
+        return mt.Compose([mt.AsDiscreted(keys=["pred", "label"], argmax=[True, False],
+                                          to_onehot=[task.out_channels, task.out_channels])])
+    if task.out_channels == 1:
+        return mt.Compose([mt.Activationsd(keys="pred", sigmoid=True)])
+    return mt.Compose([mt.Activationsd(keys="pred", softmax=True),
+                       mt.AsDiscreted(keys="label", to_onehot=task.out_channels)])
+
+
+def key_metric(task: Task) -> dict:
+    """The task's main metric under our name: ``metric/dice`` (mean foreground Dice) or ``metric/auc``."""
+    if task.task_type == "segmentation":
+        return {"metric/dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))}
+    return {"metric/auc": ROCAUC(output_transform=from_engine(["pred", "label"]))}
+
+
+def additional_metrics(task: Task) -> dict:
+    """Per-class Dice (a vector that `PerClassMetrics` turns into scalars) or accuracy."""
+    if task.task_type == "segmentation":
+        return {"metric/dice_per_class": MeanDice(include_background=False, reduction="mean_batch",
+                                                  output_transform=from_engine(["pred", "label"]))}
+    return {"metric/accuracy": _accuracy(task)}
+
+
+def _accuracy(task: Task):
+    from ignite.metrics import Accuracy
+
+    def decided(output):
+        predictions, labels = from_engine(["pred", "label"])(output)
+        predictions, labels = torch.stack(list(predictions)), torch.stack(list(labels))
+        if task.out_channels == 1:
+            return (predictions > 0.5).long().view(-1), labels.long().view(-1)
+        return predictions.argmax(1), labels.argmax(1)
+
+    return Accuracy(output_transform=decided)
+
+
+class PerClassMetrics:
+    """Turn a per-class metric vector into ``<name>/<class name>`` scalars (MLflow logs scalars only)."""
+
+    def __init__(self, class_names: Sequence[str], name: str = "metric/dice_per_class",
+                 prefix: str = "metric/dice") -> None:
+        self.class_names, self.name, self.prefix = list(class_names), name, prefix
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        values = engine.state.metrics.pop(self.name, None)
+        if values is None:
+            return
+        values = torch.as_tensor(values).flatten().tolist()
+        for class_name, value in zip(self.class_names, values):
+            engine.state.metrics[f"{self.prefix}/{class_name}"] = float(value)
+
+
+class ValidationPicture:
+    """After each validation: the middle slice of one case — image, ground truth, prediction — as a PNG artifact."""
+
+    def __init__(self, output_dir: str | Path, task: Task, file_name: str = "validation_case.png") -> None:
+        self.output_dir, self.task, self.file_name = Path(output_dir), task, file_name
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> Path | None:
+        if self.task.task_type != "segmentation" or not engine.state.output:
+            return None
+        from voco.errors import optional_import
+
+        plt = optional_import("matplotlib.pyplot", "drawing the validation picture")
+        case = engine.state.output[0]
+        image = torch.as_tensor(case["image"])[0].float().cpu()
+        label = torch.as_tensor(case["label"]).argmax(0).cpu()
+        prediction = torch.as_tensor(case["pred"]).argmax(0).cpu()
+        z = int(label.sum(dim=(0, 1)).argmax()) if label.any() else image.shape[-1] // 2  # the most labelled slice
+        figure, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+        for axis, (title, data, overlay) in zip(axes, [("image", image, None), ("ground truth", image, label),
+                                                        ("prediction", image, prediction)]):
+            axis.imshow(data[:, :, z].T, cmap="gray", origin="lower")
+            if overlay is not None:
+                masked = torch.where(overlay[:, :, z] > 0, overlay[:, :, z].float(), torch.tensor(float("nan")))
+                axis.imshow(masked.T, cmap="tab20", alpha=0.5, origin="lower", vmin=0, vmax=max(self.task.out_channels, 2))
+            axis.set_title(title)
+            axis.axis("off")
+        score = engine.state.metrics.get("metric/dice")
+        figure.suptitle(f"{self.task.id}, epoch {engine.state.epoch}" +
+                        ("" if score is None or math.isnan(score) else f", mean Dice {score:.3f}"))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / self.file_name
+        figure.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(figure)
+        RunLogger(engine).log_artifact(path, "validation")
+        return path
+
+
+def encoder_name(pretrained: str | None) -> str:
+    """A short name for an encoder source, used in run names: "scratch" or the checkpoint's file stem."""
+    if pretrained in (None, "", "scratch"):
+        return "scratch"
+    return Path(str(pretrained)).name.split(".")[0]
+
+
+def run_name(task: str, pretrained: str | None, mode: str, backbone: str, size: str | int, seed: int,
+             training_cases: int | None = None) -> str:
+    """The MLflow run name of one benchmark cell, e.g. ``btcv-VoCo_B_SSL_head-finetune-swin_B-seed0``.
+
+    `voco benchmark run` finds finished cells by this name, so it must be a function of the cell alone."""
+    encoder = encoder_name(pretrained)
+    parts = [task] + ([] if encoder == mode else [encoder]) + [mode, f"{backbone}_{size}"]
+    if training_cases is not None:
+        parts.append(f"{training_cases}cases")
+    return "-".join(parts + [f"seed{seed}"])
+
+
+class BenchmarkRecord:
+    """At the end of fine-tuning: the best validation value of the key metric as ``best/<key metric>`` and the
+    cell's settings as ``voco.*`` tags in the MLflow run (what `voco benchmark report` reads), and the same as
+    ``result.json`` in the run folder."""
+
+    def __init__(self, evaluator: Engine, output_dir: str | Path, settings: Mapping[str, Any]) -> None:
+        self.evaluator, self.output_dir, self.settings = evaluator, Path(output_dir), dict(settings)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> dict:
+        key = getattr(self.evaluator.state, "key_metric_name", None) or next(iter(self.evaluator.state.metrics), "")
+        best = getattr(self.evaluator.state, "best_metric", float("nan"))
+        result = {"key_metric": key, "best": float(best), "best_epoch": int(getattr(self.evaluator.state,
+                                                                                   "best_metric_epoch", -1)),
+                  **{k: v for k, v in self.settings.items()}}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
+        run = RunLogger(engine)
+        run.log_metrics({f"best/{key}": float(best)}, step=engine.state.epoch)
+        run.set_tags({f"voco.{k}": v for k, v in self.settings.items()} | {"voco.key_metric": key})
+        return result
