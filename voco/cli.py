@@ -60,7 +60,7 @@ class ManifestCommands:
 
 
 class BenchmarkCommands:
-    """The downstream benchmark: list the tasks, check a dataset copy before training."""
+    """The downstream benchmark: list the tasks, check a dataset copy, run the fine-tuning grid, report results."""
 
     def list(self, task_type: str | None = None, modality: str | None = None) -> None:
         """Print the task registry as a table (filter with --task_type segmentation|classification|... --modality CT|MR)."""
@@ -77,6 +77,54 @@ class BenchmarkCommands:
         print(format_problem_table(rows))
         if rows:
             raise SystemExit(1)
+
+    def run(self, tasks, pretrained="scratch", seeds=0, dataset_dir=None, config: str = "train",
+            training_cases: int | None = None, max_epochs: int | None = None, size: str | None = None,
+            backbone: str = "swin", modes=None, val_interval: int | None = None,
+            tracking_uri: str | None = None) -> None:
+        """Fine-tune every task from every encoder with every seed; finished cells are skipped (resumable).
+
+        --tasks btcv,msd-task09-spleen --pretrained a.pt,b.pt,scratch --seeds 0,1,2
+        --dataset_dir DIR (one folder) or btcv=DIR,msd-task09-spleen=DIR; not needed with --config smoke.
+        --config train|smoke (smoke: a tiny model on phantoms it makes, for phantom-seg / phantom-cls).
+        --modes finetune,frozen,linear_probe (how each checkpoint is used; default finetune).
+        --size B (default; tiny with --config smoke) --training_cases N (few-label setting) --max_epochs N.
+        Each cell is an MLflow run in experiment benchmark-<task>; exit 1 if a cell failed.
+        """
+        from voco.benchmark.runs import parse_dataset_dirs, parse_list, plan_grid, run_grid
+
+        name = str(config).removesuffix(".json")
+        config_files = ["train.json"] + ([] if name == "train" else [f"{name}.json"])
+        size = size if size is not None else ("tiny" if "smoke.json" in config_files else "B")
+        cells = plan_grid(parse_list(tasks), parse_list(pretrained), seeds=parse_list(seeds),
+                          modes=parse_list(modes) or None, backbone=backbone, size=size,
+                          training_cases=training_cases)
+        overrides = {key: value for key, value in (("max_epochs", max_epochs), ("val_interval", val_interval))
+                     if value is not None}
+        print(f"benchmark grid: {len(cells)} runs ({len(parse_list(tasks))} tasks x encoders x modes x seeds)")
+        rows = run_grid(cells, dataset_dirs=parse_dataset_dirs(dataset_dir), tracking_uri=tracking_uri,
+                        config_files=config_files, overrides=overrides)
+        print("see the results with `voco benchmark report`")
+        if any(row["status"] == "failed" for row in rows):
+            raise SystemExit(1)
+
+    def report(self, out: str = "results", tasks=None, tracking_uri: str | None = None) -> None:
+        """Print the results table (mean ± std over seeds beside the published number) and write
+        OUT/results.csv, results.md and results.png. --tasks btcv,... limits it to some tasks."""
+        from voco.benchmark.report import collect_results, format_markdown, summarize, write_report
+        from voco.benchmark.runs import parse_list
+        from voco.tracking import default_tracking_uri
+
+        uri, wanted = tracking_uri or default_tracking_uri(), parse_list(tasks)
+        rows = collect_results(uri, tasks=wanted or None)
+        if not rows:
+            which = f" of {', '.join(wanted)}" if wanted else ""
+            raise VocoError(f"{uri} holds no finished benchmark runs{which}; run `voco benchmark run --tasks ... "
+                            f"--pretrained ...` first, or give the store with --tracking_uri.")
+        summary = summarize(rows)
+        paths = write_report(summary, out)
+        print(format_markdown(summary), end="")
+        print(f"{len(rows)} runs; wrote {', '.join(str(path) for path in paths.values())}")
 
 
 class VocoCommands:
@@ -114,9 +162,12 @@ class VocoCommands:
         written, count = export_encoder(path, out)
         print(f"exported {count} encoder tensors from {path} to {written}")
 
-    def demo(self, out: str = "demo_output", phantoms: int = 8, seed: int = 0) -> None:
-        """The main job end to end on generated data: phantoms -> manifest -> regions -> VoCo pretraining
-        (tiny model, MLflow) -> exported encoder."""
+    def demo(self, out: str = "demo_output", phantoms: int = 8, seed: int = 0, pretrain_steps: int = 12) -> None:
+        """The main job end to end on generated data: phantoms -> manifest -> regions -> VoCo pretraining (tiny
+        model, MLflow) -> exported encoder -> fine-tuning on the phantom segmentation task, from scratch and from
+        the pretrained encoder -> comparison table."""
+        import json
+
         from voco.checkpoints import export_encoder
         from voco.data.folder import build_manifest_from_folder
         from voco.data.phantoms import ensure_phantoms
@@ -126,24 +177,41 @@ class VocoCommands:
         out_dir = Path(out).resolve()
         start = time.perf_counter()
         manifest = ensure_phantoms(out_dir / "phantoms", n=phantoms, seed=seed)
-        print(f"[1/5] {phantoms} CT phantoms and their manifest: {manifest}")
+        print(f"[1/6] {phantoms} CT phantoms and their manifest: {manifest}")
         scanned, problems = build_manifest_from_folder(out_dir / "phantoms" / "images",
                                                        output=out_dir / "scanned_manifest.json", modality="CT")
-        print(f"[2/5] `voco manifest build` of the phantom folder: {scanned} ({len(problems)} problems)")
-        summary = summarize_regions(manifest, region_size=(96, 96, 32), batch_size=2, batches=2, num_workers=0)
-        print("[3/5] region pipeline (preset ct_abdomen, region 96 x 96 x 32):")
+        print(f"[2/6] `voco manifest build` of the phantom folder: {scanned} ({len(problems)} problems)")
+        summary = summarize_regions(manifest, region_size=(64, 64, 64), batch_size=2, batches=2, num_workers=0)
+        print("[3/6] region pipeline (preset ct_abdomen, region 64 x 64 x 64):")
         _print_rows([summary], list(summary))
         run_name = default_run_name("demo-voco", "tiny")
         tracking_uri = default_tracking_uri()
-        print(f"[4/5] VoCo pretraining of a tiny SwinUNETR encoder (bundles/voco_pretrain, smoke settings), "
-              f"MLflow run {run_name!r}:")
+        print(f"[4/6] VoCo pretraining of a tiny SwinUNETR encoder (bundles/voco_pretrain, smoke settings, "
+              f"{pretrain_steps} steps), MLflow run {run_name!r}:")
         run_bundle("voco_pretrain", ["train.json", "smoke.json"], manifest=str(manifest), run_name=run_name,
-                   tracking="mlflow", tracking_uri=tracking_uri, max_steps=12)
+                   tracking="mlflow", tracking_uri=tracking_uri, max_steps=pretrain_steps,
+                   val_interval=pretrain_steps)
         checkpoint = latest_checkpoint(Path("runs") / run_name / "checkpoints")
         encoder, count = export_encoder(checkpoint, out_dir / "voco_encoder.pt")
-        print(f"[5/5] exported {count} encoder tensors to {encoder} (loads into MONAI SwinUNETR(use_v2=True, "
+        print(f"[5/6] exported {count} encoder tensors to {encoder} (they load into MONAI SwinUNETR(use_v2=True, "
               f"feature_size=12))")
-        print(f"demo finished in {time.perf_counter() - start:.0f} s. Browse the run with:\n"
+        print("[6/6] fine-tuning on the phantom segmentation task (bundles/downstream_benchmark, smoke settings), "
+              "from scratch and from the pretrained encoder:")
+        rows = []
+        for pretrained in ("scratch", str(encoder)):
+            from voco.benchmark.finetune import run_name as cell_name
+
+            name = cell_name("phantom-seg", pretrained, "scratch" if pretrained == "scratch" else "finetune",
+                             "swin", "tiny", seed) + time.strftime("-%H%M%S")
+            run_bundle("downstream_benchmark", ["train.json", "smoke.json"], pretrained=pretrained, seed=seed,
+                       run_name=name, tracking="mlflow", tracking_uri=tracking_uri)
+            result = json.loads((Path("runs") / "benchmark" / name / "result.json").read_text())
+            rows.append({"encoder": result["encoder"], "mode": result["mode"], result["key_metric"]:
+                         f"{result['best']:.3f}", "best epoch": result["best_epoch"], "MLflow run": name})
+        _print_rows(rows, list(rows[0]))
+        print("(a two-epoch fine-tune after a short pretraining on eight phantoms shows the path, not the benefit: "
+              "see bundles/downstream_benchmark/docs/README.md for the measured comparison)")
+        print(f"demo finished in {time.perf_counter() - start:.0f} s. Browse the runs with:\n"
               f"    .venv/bin/mlflow ui --backend-store-uri {tracking_uri}")
 
 

@@ -98,13 +98,13 @@ class RegistrationNetwork(nn.Module):
     """
 
     def __init__(self, in_channels: int = 2, feature_size: int = 48, dropout: float = 0.0,
-                 use_checkpoint: bool = False) -> None:
+                 use_checkpoint: bool = False, window_size: int = 7) -> None:
         super().__init__()
         if in_channels % 2:
             raise ConfigError(f"a registration network takes moving and fixed images with the same channels, "
                               f"so in_channels must be even, got {in_channels}; set the task's in_channels to 2.")
         self.backbone = SwinUNETR(in_channels=in_channels, out_channels=3, feature_size=feature_size, use_v2=True,
-                                  drop_rate=dropout, use_checkpoint=use_checkpoint)
+                                  drop_rate=dropout, use_checkpoint=use_checkpoint, window_size=window_size)
         # Start near the identity transform (as VoxelMorph and TransMorph do): a random field would fold the
         # moving image before training begins.
         nn.init.normal_(self.backbone.out.conv.conv.weight, mean=0.0, std=1e-5)
@@ -118,7 +118,7 @@ class RegistrationNetwork(nn.Module):
 
 
 def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = "B", dropout: float = 0.0,
-                       use_checkpoint: bool = False) -> nn.Module:
+                       use_checkpoint: bool = False, window_size: int = 7) -> nn.Module:
     """The network of a task: SwinUNETR-v2 / UNETR (segmentation), EncoderClassifier, or RegistrationNetwork.
 
     Args:
@@ -128,6 +128,8 @@ def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = 
             by 12); ``"tiny"`` / ``"B"`` for the ViT.
         dropout: SwinUNETR ``drop_rate``, UNETR ``dropout_rate``, or the classifier's dropout on the embedding.
         use_checkpoint: gradient checkpointing of the Swin blocks (less memory, more compute).
+        window_size: Swin attention window (7 as released; must match the pretrained encoder's, since the relative
+            position tables have its shape; the smoke configs use 2 for speed on CPUs).
 
     Raises:
         ConfigError: a task type or backbone without a network here, an unknown size, or a roi the network cannot
@@ -152,12 +154,13 @@ def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = 
     if task.task_type == "segmentation":  # monai >= 1.5 needs no img_size
         return SwinUNETR(in_channels=task.in_channels, out_channels=task.out_channels,
                          feature_size=swin_feature_size(size), use_v2=True, drop_rate=dropout,
-                         use_checkpoint=use_checkpoint)
+                         use_checkpoint=use_checkpoint, window_size=window_size)
     if task.task_type == "classification":
-        encoder = build_backbone(backbone, size, in_channels=task.in_channels, use_checkpoint=use_checkpoint)
+        encoder = build_backbone(backbone, size, in_channels=task.in_channels, use_checkpoint=use_checkpoint,
+                                 window_size=window_size)
         return EncoderClassifier(encoder, task.out_channels, dropout=dropout)
     return RegistrationNetwork(in_channels=task.in_channels, feature_size=swin_feature_size(size), dropout=dropout,
-                               use_checkpoint=use_checkpoint)
+                               use_checkpoint=use_checkpoint, window_size=window_size)
 
 
 def _check_roi(task: Task, divisor: int) -> None:

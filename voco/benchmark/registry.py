@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from voco.data.folder import ProblemRows
-from voco.data.manifest import MODALITY_ALIASES, SPLITS, is_decathlon
+from voco.data.manifest import MODALITY_ALIASES, SPLITS, is_decathlon, require_format
 from voco.data.volumes import VolumeHeader, header_problems, inspect_volume, load_voxels, one_line
 from voco.errors import ConfigError, ManifestError
 
@@ -281,12 +281,8 @@ def validate_registry(registry: Any, source: str = "task registry") -> dict[str,
     Raises:
         ManifestError: naming the entry (index and id) and the field of the first problem.
     """
-    if not isinstance(registry, dict) or registry.get("format") != REGISTRY_FORMAT:
-        raise ManifestError(f"{source} is not a voco task registry (its 'format' is not {REGISTRY_FORMAT!r}); "
-                            f"give a registry such as data_manifests/downstream/tasks.json.")
-    if registry.get("version") != REGISTRY_VERSION:
-        raise ManifestError(f"{source} has task registry version {registry.get('version')!r}, this voco reads "
-                            f"version {REGISTRY_VERSION}; upgrade voco or fix the file.")
+    require_format(registry, REGISTRY_FORMAT, REGISTRY_VERSION, source, "task registry",
+                   "a registry such as data_manifests/downstream/tasks.json")
     entries = registry.get("tasks")
     if not isinstance(entries, list) or not entries:
         raise ManifestError(f"{source} has no 'tasks' list; add one entry per downstream task.")

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from voco.data.manifest import require_format
 from voco.errors import ManifestError
 
 CATALOGUE_FORMAT = "voco-catalogue"
@@ -42,12 +43,8 @@ def validate_catalogue(catalogue: Any, source: str = "catalogue") -> None:
     """Check a catalogue's structure and totals; raise ManifestError naming the first bad entry."""
     from voco.data.presets import PRESETS  # catalogue rows name presets; the registry knows which exist
 
-    if not isinstance(catalogue, dict) or catalogue.get("format") != CATALOGUE_FORMAT:
-        raise ManifestError(f"{source} is not a voco catalogue (its 'format' is not {CATALOGUE_FORMAT!r}); "
-                            f"give a catalogue such as data_manifests/preCT160k.json.")
-    if catalogue.get("version") != CATALOGUE_VERSION:
-        raise ManifestError(f"{source} has catalogue version {catalogue.get('version')!r}, this voco reads version "
-                            f"{CATALOGUE_VERSION}; upgrade voco or fix the file.")
+    require_format(catalogue, CATALOGUE_FORMAT, CATALOGUE_VERSION, source, "catalogue",
+                   "a catalogue such as data_manifests/preCT160k.json")
     rows = catalogue.get("datasets")
     if not isinstance(rows, list) or not rows:
         raise ManifestError(f"{source} has no 'datasets' list; add one row per collection.")

@@ -64,17 +64,23 @@ def _require(mapping: Any, key: str, kind: type | tuple[type, ...], where: str) 
     return value
 
 
+def require_format(document: Any, format_name: str, version: int, source: str, kind: str, example: str) -> None:
+    """The header check every versioned voco JSON file shares: ``{"format": format_name, "version": version}``."""
+    if not isinstance(document, dict) or document.get("format") != format_name:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise ManifestError(f"{source} is not a voco {kind} (its 'format' is {found!r}, expected {format_name!r}); "
+                            f"give {example}.")
+    if document.get("version") != version:
+        raise ManifestError(f"{source} has {kind} version {document.get('version')!r}, this voco reads version "
+                            f"{version}; upgrade voco or rewrite the file ({example}).")
+
+
 def validate_manifest(manifest: Mapping[str, Any], source: str = "manifest") -> None:
     """Check the structure of a manifest; raise ManifestError naming the first bad entry."""
     from voco.data.presets import PRESETS  # presets know their own names; manifests only refer to them
 
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{source} is not a voco manifest (its 'format' is {manifest.get('format')!r}, "
-                            f"expected {MANIFEST_FORMAT!r}); build one with `voco manifest build DIR`.")
-    version = manifest.get("version")
-    if version != MANIFEST_VERSION:
-        raise ManifestError(f"{source} has manifest version {version!r}, this voco reads version "
-                            f"{MANIFEST_VERSION}; rebuild it with `voco manifest build` or upgrade voco.")
+    require_format(manifest, MANIFEST_FORMAT, MANIFEST_VERSION, source, "manifest",
+                   "a manifest built with `voco manifest build DIR`")
     datasets = _require(manifest, "datasets", list, source)
     names = set()
     for d, dataset in enumerate(datasets):

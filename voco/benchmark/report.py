@@ -1,0 +1,263 @@
+"""The benchmark results: finished fine-tuning runs read back from MLflow, summarised over seeds, set beside the
+numbers the reference publishes, and written as a table (CSV, markdown) and a picture (PNG)::
+
+    rows = collect_results()                       # one row per finished run of every benchmark-* experiment
+    summary = summarize(rows)                      # one row per task × encoder × mode × backbone × size × cases
+    paths = write_report(summary, "results")       # results.csv, results.md, results.png
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from voco.errors import ConfigError, optional_import
+
+GROUP_KEYS = ("task", "encoder", "mode", "backbone", "size", "training_cases")
+CSV_COLUMNS = ("task", "encoder", "mode", "backbone", "size", "training_cases", "key_metric", "n", "seeds", "mean",
+               "std", "reference", "reference_method", "reference_metric", "difference")
+# which reference metric our key metric can be compared with (the reference reports percentages)
+COMPARABLE = {"metric/dice": "dice", "metric/auc": "auc"}
+
+
+def _optional_int(value: Any) -> int | None:
+    if value in (None, "", "None", "none", "null"):
+        return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def collect_results(tracking_uri: str | None = None, tasks: Iterable[str] | None = None) -> list[dict]:
+    """One row per finished benchmark run (status FINISHED with a ``best/`` metric) in the MLflow store.
+
+    Args:
+        tracking_uri: the store (default: `voco.tracking.default_tracking_uri()`).
+        tasks: only these task ids (experiments ``benchmark-<task>``); default: every ``benchmark-*`` experiment.
+
+    Returns:
+        rows {"task", "encoder", "mode", "backbone", "size", "seed", "training_cases", "key_metric", "best",
+        "max_epochs", "run_name", "run_id", "start_time"}, oldest run first; `best` in [0, 1] as logged.
+    """
+    from voco.benchmark.runs import EXPERIMENT_PREFIX, finished_runs
+
+    names = None
+    if tasks is not None:
+        from voco.benchmark.registry import get_task
+
+        names = [EXPERIMENT_PREFIX + get_task(str(task)).id for task in tasks]
+    rows = []
+    for run in finished_runs(tracking_uri, names):
+        tags, metrics = run.data.tags, run.data.metrics
+        key = tags.get("voco.key_metric")
+        if key is None or f"best/{key}" not in metrics:
+            key = next(name for name in sorted(metrics) if name.startswith("best/"))[len("best/"):]
+        rows.append({
+            "task": tags.get("voco.task", "?"),
+            "encoder": tags.get("voco.encoder", "?"),
+            "mode": tags.get("voco.mode", "?"),
+            "backbone": tags.get("voco.backbone", "?"),
+            "size": tags.get("voco.size", "?"),
+            "seed": _optional_int(tags.get("voco.seed")),
+            "training_cases": _optional_int(tags.get("voco.training_cases")),
+            "key_metric": key,
+            "best": float(metrics[f"best/{key}"]),
+            "max_epochs": _optional_int(tags.get("voco.max_epochs")),
+            "run_name": run.info.run_name,
+            "run_id": run.info.run_id,
+            "start_time": run.info.start_time,
+        })
+    return rows
+
+
+def reference_for(task_id: str, key_metric: str) -> dict | None:
+    """The published number to set beside ours: {"value", "method", "metric", "source"}, or None.
+
+    The best VoCo number where the reference reports one for the task (methods named "VoCo..."), else its best
+    number of any method (`voco.benchmark.registry.reference_number`); None for a task without published numbers,
+    an unknown task, or a metric other than ours (e.g. HD95 beside our Dice).
+    """
+    from voco.benchmark.registry import get_task, reference_number
+
+    try:
+        task = get_task(task_id)
+    except ConfigError:
+        return None
+    results = task.reference_results
+    if not results or not results.get("values"):
+        return None
+    kind = COMPARABLE.get(key_metric)
+    if kind is None or kind not in str(results.get("metric", "")).lower():
+        return None
+    values = results["values"]
+    voco = {method: value for method, value in values.items() if method.lower().startswith("voco")}
+    if voco:
+        method = max(voco, key=lambda name: voco[name])
+        value = reference_number(task, method)
+    else:
+        value = reference_number(task)
+        method = next(name for name, number in values.items() if float(number) == value)
+    return {"value": float(value), "method": method, "metric": results.get("metric"), "source": results.get("source")}
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Group the runs by task, encoder, mode, backbone, size and training cases, over seeds.
+
+    A seed run more than once counts once (its latest run). `mean` and `std` (the sample standard deviation over
+    seeds; None for one seed) are of `best` in percent; `reference` is the published number (`reference_for`, in
+    percent as published) and `difference` = mean - reference, in percentage points.
+
+    Returns:
+        rows {"task", "encoder", "mode", "backbone", "size", "training_cases", "key_metric", "n", "seeds", "mean",
+        "std", "reference", "reference_method", "reference_metric", "difference"}, sorted by task, then encoder
+        (scratch last), mode, backbone, size, training cases.
+    """
+    groups: dict[tuple, dict[Any, Mapping[str, Any]]] = defaultdict(dict)
+    for row in sorted(rows, key=lambda row: row.get("start_time") or 0):
+        group = tuple(row.get(key) for key in GROUP_KEYS) + (row.get("key_metric"),)
+        groups[group][row.get("seed")] = row  # the latest run of a seed wins
+    summary = []
+    for group, by_seed in groups.items():
+        values = dict(zip(GROUP_KEYS + ("key_metric",), group))
+        percents = [100.0 * float(row["best"]) for row in by_seed.values()]
+        mean = statistics.fmean(percents)
+        std = statistics.stdev(percents) if len(percents) > 1 else None
+        reference = reference_for(values["task"], values["key_metric"])
+        summary.append({**values, "n": len(percents),
+                        "seeds": sorted(by_seed, key=lambda seed: (seed is None, seed if seed is not None else 0)),
+                        "mean": mean, "std": std,
+                        "reference": reference["value"] if reference else None,
+                        "reference_method": reference["method"] if reference else None,
+                        "reference_metric": reference["metric"] if reference else None,
+                        "difference": mean - reference["value"] if reference else None})
+
+    def order(row: Mapping[str, Any]) -> tuple:
+        return (row["task"], row["encoder"] == "scratch", str(row["encoder"]), str(row["mode"]), str(row["backbone"]),
+                str(row["size"]), row["training_cases"] is not None, row["training_cases"] or 0)
+
+    return sorted(summary, key=order)
+
+
+def _number(value: float | None, digits: int = 2, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def metric_label(key_metric: str) -> str:
+    """``metric/dice`` -> ``Dice``; ``metric/auc`` -> ``AUC``."""
+    name = str(key_metric).split("/")[-1]
+    return {"dice": "Dice", "auc": "AUC"}.get(name, name)
+
+
+def format_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
+    """The summary as a markdown table: ours (mean ± std over seeds, %) beside the published number."""
+    header = ["task", "encoder", "mode", "backbone", "training cases", "metric", "seeds", "ours (%)",
+              "reference (%)", "reference method", "ours - reference"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 5 + ["---", "---:", "---:", "---:", "---",
+                                                                            "---:"]) + "|"]
+    for row in summary:
+        ours = _number(row["mean"]) + ("" if row["std"] is None else f" ± {_number(row['std'])}")
+        cells = [row["task"], row["encoder"], row["mode"], f"{row['backbone']}-{row['size']}",
+                 "all" if row["training_cases"] is None else str(row["training_cases"]),
+                 metric_label(row["key_metric"]), str(row["n"]), ours, _number(row["reference"]),
+                 row["reference_method"] or "-", _number(row["difference"], signed=True)]
+        lines.append("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(summary: Sequence[Mapping[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in summary:
+        values = {column: row.get(column) for column in CSV_COLUMNS}
+        values["seeds"] = " ".join(str(seed) for seed in row.get("seeds", []))
+        for column in ("mean", "std", "reference", "difference"):
+            values[column] = "" if values[column] is None else f"{values[column]:.4f}"
+        values = {column: "" if value is None else value for column, value in values.items()}
+        writer.writerow(values)
+    return buffer.getvalue()
+
+
+def _series_label(row: Mapping[str, Any], varying: Sequence[str]) -> str:
+    label = f"{row['encoder']}/{row['mode']}"
+    if "backbone" in varying or "size" in varying:
+        label += f" {row['backbone']}-{row['size']}"
+    if "training_cases" in varying:
+        label += f" {row['training_cases']} cases" if row["training_cases"] is not None else " all cases"
+    return label
+
+
+def draw_chart(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """A grouped bar chart as PNG: tasks on x, one bar per encoder/mode (mean over seeds, std error bars), the
+    published number of each task as a black marker."""
+    figure_module = optional_import("matplotlib.figure", "drawing the benchmark chart")
+    tasks = list(dict.fromkeys(row["task"] for row in summary))
+    varying = [key for key in ("backbone", "size", "training_cases")
+               if len({row[key] for row in summary}) > 1]
+    series = list(dict.fromkeys(_series_label(row, varying) for row in summary))
+    values = {(row["task"], _series_label(row, varying)): row for row in summary}
+    width = 0.8 / max(len(series), 1)
+    figure = figure_module.Figure(figsize=(max(5.0, 1.1 + len(tasks) * (0.5 + 0.35 * len(series))), 4.2))
+    axis = figure.add_subplot(1, 1, 1)
+    for number, name in enumerate(series):
+        positions, heights, errors = [], [], []
+        for index, task in enumerate(tasks):
+            row = values.get((task, name))
+            if row is None:
+                continue
+            positions.append(index - 0.4 + width * (number + 0.5))
+            heights.append(row["mean"])
+            errors.append(row["std"] or 0.0)
+        axis.bar(positions, heights, width * 0.92, yerr=errors, capsize=3, label=name)
+    labelled = False
+    for index, task in enumerate(tasks):
+        reference = next((row for row in summary if row["task"] == task and row["reference"] is not None), None)
+        if reference is not None:
+            axis.plot([index - 0.42, index + 0.42], [reference["reference"]] * 2, color="black", linewidth=1.5,
+                      linestyle="--", label=None if labelled else "published")
+            axis.plot(index, reference["reference"], marker="D", color="black", markersize=6)
+            labelled = True
+    metrics = sorted({metric_label(row["key_metric"]) for row in summary})
+    axis.set_xticks(range(len(tasks)))
+    axis.set_xticklabels(tasks, rotation=20 if len(tasks) > 3 else 0, ha="right" if len(tasks) > 3 else "center")
+    axis.set_ylabel(f"{' / '.join(metrics)} (%), mean ± std over seeds")
+    axis.set_ylim(0, 100)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    axis.set_title("downstream benchmark")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=110)
+
+
+def write_report(summary: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike = "results") -> dict[str, Path]:
+    """Write results.csv, results.md and results.png into `out_dir`, each atomically (a temporary file renamed
+    into place once all three are written: no partial report is left behind).
+
+    Returns:
+        {"csv": path, "markdown": path, "png": path}.
+    """
+    if not summary:
+        raise ConfigError("there are no benchmark results to write; run `voco benchmark run` first.")
+    folder = Path(out_dir).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = {"csv": folder / "results.csv", "markdown": folder / "results.md", "png": folder / "results.png"}
+    temporary = {kind: target.with_name(f".{target.name}.{os.getpid()}.tmp") for kind, target in targets.items()}
+    try:
+        temporary["csv"].write_text(format_csv(summary), encoding="utf-8")
+        temporary["markdown"].write_text(format_markdown(summary), encoding="utf-8")
+        draw_chart(summary, temporary["png"])
+        for kind, target in targets.items():
+            os.replace(temporary[kind], target)
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+    return targets

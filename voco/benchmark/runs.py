@@ -1,0 +1,331 @@
+"""The benchmark grid: tasks × encoders × modes × seeds, each cell one fine-tuning run of the downstream bundle.
+
+A cell is one MLflow run in experiment ``benchmark-<task>``, named by `voco.benchmark.finetune.run_name` from the
+cell alone. That makes the grid resumable: `run_grid` asks the store which runs have finished (status FINISHED with
+a ``best/`` metric) and never runs those again, so an interrupted grid is finished by running the same command::
+
+    cells = plan_grid(["btcv"], ["VoCo_B_SSL_head.pt", "scratch"], seeds=(0, 1, 2))
+    rows = run_grid(cells, dataset_dirs={"btcv": "/data/BTCV"})   # [{cell, status, error}]
+
+`voco benchmark report` (`voco.benchmark.report`) then reads the finished runs back and compares them with the
+published numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from voco.errors import ConfigError, VocoError, optional_import
+
+ENCODER_MODES = ("finetune", "frozen", "linear_probe")  # what a pretrained encoder can be used as
+EXPERIMENT_PREFIX = "benchmark-"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: a task fine-tuned from one encoder source in one mode with one seed.
+
+    Attributes:
+        task: registry task id, e.g. "btcv".
+        pretrained: a checkpoint path, or "scratch".
+        mode: "scratch" (with pretrained "scratch"), or "finetune" | "frozen" | "linear_probe".
+        seed: the bundle's seed (also the seed of the few-label training case choice).
+        backbone / size: the network spec, e.g. "swin" / "B".
+        training_cases: keep only this many training cases (None: all).
+    """
+
+    task: str
+    pretrained: str
+    mode: str
+    seed: int
+    backbone: str = "swin"
+    size: str = "B"
+    training_cases: int | None = None
+
+    @property
+    def run_name(self) -> str:
+        """The MLflow run name the bundle gives this cell (how finished cells are found)."""
+        from voco.benchmark.finetune import run_name  # imports monai: only where a name is needed
+
+        return run_name(self.task, self.pretrained, self.mode, self.backbone, self.size, self.seed,
+                        self.training_cases)
+
+    def settings(self) -> dict:
+        """The bundle settings of this cell (overrides of configs/train.json)."""
+        return {"task": self.task, "pretrained": self.pretrained, "mode": self.mode, "backbone": self.backbone,
+                "size": self.size, "seed": self.seed, "training_cases": self.training_cases}
+
+
+def _is_scratch(pretrained: Any) -> bool:
+    return pretrained in (None, "", "scratch")
+
+
+def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterable[int] = (0,),
+              modes: Iterable[str] | None = None, backbone: str = "swin", size: str | int = "B",
+              training_cases: int | None = None) -> list[Cell]:
+    """The cells of a grid, task by task, then encoder, mode and seed.
+
+    Args:
+        tasks: registry task ids (checked: an unknown or not fine-tunable task is a ConfigError).
+        pretrained: checkpoint paths and / or "scratch".
+        seeds: one cell per seed.
+        modes: how each checkpoint is used ("finetune", "frozen", "linear_probe"); default ("finetune",).
+            "scratch" always gets the one mode "scratch".
+        training_cases: the few-label setting for every cell (None: all training cases).
+
+    Raises:
+        ConfigError: an empty list, an unknown task or mode, or two checkpoints whose file names give the same
+            encoder name (their runs would share names, and one would be taken for the other's finished run).
+    """
+    from voco.benchmark.finetune import encoder_name, require_finetune_type
+    from voco.benchmark.registry import get_task
+
+    task_ids = list(dict.fromkeys(require_finetune_type(get_task(str(task))).id for task in tasks))
+    sources = list(dict.fromkeys("scratch" if _is_scratch(source) else str(source) for source in pretrained))
+    seed_list = list(dict.fromkeys(_whole(seed, "seed") for seed in seeds))
+    mode_list = list(dict.fromkeys(str(mode) for mode in (modes or ("finetune",))))
+    for name, values in (("task", task_ids), ("pretrained", sources), ("seed", seed_list), ("mode", mode_list)):
+        if not values:
+            raise ConfigError(f"the grid has no {name}; give at least one {name}.")
+    unknown = [mode for mode in mode_list if mode not in ENCODER_MODES]
+    if unknown:
+        hint = " (train from scratch by adding 'scratch' to the pretrained list)" if "scratch" in unknown else ""
+        raise ConfigError(f"the mode {unknown[0]!r} is not a way to use a pretrained encoder; use "
+                          f"{', '.join(ENCODER_MODES)}{hint}.")
+    if training_cases is not None:
+        training_cases = _whole(training_cases, "training_cases")
+    by_encoder: dict[str, str] = {}
+    for source in sources:
+        encoder = encoder_name(source)
+        if encoder in by_encoder:
+            raise ConfigError(f"the checkpoints {by_encoder[encoder]} and {source} both give the encoder name "
+                              f"{encoder!r} used in run names; rename one of the files.")
+        by_encoder[encoder] = source
+    cells = []
+    for task in task_ids:
+        for source in sources:
+            for mode in (["scratch"] if source == "scratch" else mode_list):
+                for seed in seed_list:
+                    cells.append(Cell(task, source, mode, seed, str(backbone), str(size), training_cases))
+    return cells
+
+
+def _whole(value: Any, name: str) -> int:
+    """A whole number from an int or its text ("3"); ConfigError otherwise."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} is {value!r}; give a whole number.")
+    return value
+
+
+def finished_cells(tracking_uri: str | None = None) -> set[str]:
+    """Run names of the FINISHED runs with a ``best/`` metric in the ``benchmark-*`` experiments of the store."""
+    return {run.info.run_name for run in finished_runs(tracking_uri)}
+
+
+def finished_runs(tracking_uri: str | None = None, experiment_names: Sequence[str] | None = None) -> list:
+    """The MLflow runs behind `finished_cells` (all pages), of the given experiments or every ``benchmark-*`` one."""
+    from voco.tracking import default_tracking_uri
+
+    mlflow = optional_import("mlflow", "reading benchmark runs")
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    if experiment_names is None:
+        experiments = [experiment for experiment in _all_pages(client.search_experiments,
+                                                               filter_string=f"name LIKE '{EXPERIMENT_PREFIX}%'")
+                       if experiment.name.startswith(EXPERIMENT_PREFIX)]  # LIKE's '-' is literal; '_' is not used
+    else:
+        experiments = [client.get_experiment_by_name(name) for name in experiment_names]
+        experiments = [experiment for experiment in experiments if experiment is not None]
+    if not experiments:
+        return []
+    runs = _all_pages(client.search_runs, [experiment.experiment_id for experiment in experiments],
+                      filter_string="attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+    return [run for run in runs if any(key.startswith("best/") for key in run.data.metrics)]
+
+
+def _all_pages(search: Callable, *args: Any, **kwargs: Any) -> list:
+    """Every result of an MLflow search call, following its page tokens."""
+    results, token = [], None
+    while True:
+        page = search(*args, page_token=token, **kwargs)
+        results.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return results
+
+
+def _error_line(error: BaseException) -> str:
+    """One line for a failed cell: the message of the first VocoError in the chain (what the user can fix), else
+    the exception's type and the first line of its message."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, VocoError):
+            return str(current).strip().splitlines()[0] if str(current).strip() else type(current).__name__
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _mark_failed(tracking_uri: str, cell: Cell) -> None:
+    """Mark the cell's run that the failed attempt left RUNNING as FAILED (best effort: it is only bookkeeping; the
+    next attempt reuses a run of that name that is not FINISHED either way)."""
+    try:
+        mlflow = optional_import("mlflow", "marking a failed benchmark run")
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        experiment = client.get_experiment_by_name(EXPERIMENT_PREFIX + cell.task)
+        if experiment is None:
+            return
+        for run in client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+            if run.info.run_name == cell.run_name:
+                client.set_terminated(run.info.run_id, "FAILED")
+    except Exception:  # noqa: BLE001 - never let bookkeeping hide the cell's own error
+        pass
+
+
+def _dataset_dir_of(dataset_dirs: Mapping[str, Any] | str | os.PathLike | None, task: str) -> str | None:
+    if dataset_dirs is None:
+        return None
+    if isinstance(dataset_dirs, (str, os.PathLike)):
+        return str(Path(dataset_dirs).expanduser().resolve())
+    by_lower = {str(key).lower(): value for key, value in dataset_dirs.items()}
+    if task.lower() not in by_lower:
+        raise ConfigError(f"no dataset folder is given for the task {task!r} (given for "
+                          f"{', '.join(map(str, dataset_dirs)) or 'none'}); add {task}=<folder> to --dataset_dir.")
+    return str(Path(by_lower[task.lower()]).expanduser().resolve())
+
+
+def parse_list(value: Any) -> list[str]:
+    """A list from a fire argument: "a,b" arrives as a string or a tuple, "a" as a string, 3 as a number."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [item for part in value for item in parse_list(part)]
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def parse_dataset_dirs(value: Any) -> dict[str, str] | str | None:
+    """--dataset_dir: one folder for every task, or task=folder pairs separated by commas."""
+    parts = parse_list(value)
+    if not parts:
+        return None
+    if not any("=" in part for part in parts):
+        if len(parts) > 1:
+            raise ConfigError(f"--dataset_dir {','.join(parts)} gives several folders; give one folder, or one "
+                          f"task=folder per task, e.g. btcv=/data/BTCV,msd-task09-spleen=/data/Task09_Spleen.")
+        return parts[0]
+    pairs = {}
+    for part in parts:
+        task, separator, folder = part.partition("=")
+        if not separator or not task.strip() or not folder.strip():
+            raise ConfigError(f"--dataset_dir has {part!r}; give task=folder pairs separated by commas, e.g. "
+                          f"btcv=/data/BTCV.")
+        pairs[task.strip()] = folder.strip()
+    return pairs
+
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "downstream_benchmark"
+
+
+def bundle_runner(config_files: Sequence[str] = ("train.json",)) -> Callable[[Cell, dict], None]:
+    """The default runner: the downstream_benchmark bundle in this process (`monai.bundle.run`), MLflow tracking.
+
+    (The same call as `voco.cli.run_bundle`, which this module cannot import: nothing imports the command.)
+    """
+    if not BUNDLE.is_dir():
+        raise VocoError(f"the bundle folder {BUNDLE} is missing; run voco from its source checkout (pip install -e .).")
+    missing = [name for name in config_files if not (BUNDLE / "configs" / name).is_file()]
+    if missing:
+        known = ", ".join(sorted(path.name for path in (BUNDLE / "configs").glob("*.json")))
+        raise ConfigError(f"the downstream bundle has no config {missing[0]!r} in {BUNDLE / 'configs'}; use one of "
+                          f"{known} (train.json first, then overrides such as smoke.json).")
+
+    def run(cell: Cell, settings: dict) -> None:
+        from monai.bundle import run as monai_bundle_run
+
+        monai_bundle_run(config_file=[str(BUNDLE / "configs" / name) for name in config_files],
+                         bundle_root=str(BUNDLE), logging_file=str(BUNDLE / "configs" / "logging.conf"),
+                         tracking="mlflow", **settings)
+
+    return run
+
+
+def run_grid(cells: Sequence[Cell], *, dataset_dirs: Mapping[str, Any] | str | os.PathLike | None,
+             tracking_uri: str | None = None, config_files: Sequence[str] = ("train.json",),
+             overrides: Mapping[str, Any] | None = None,
+             runner: Callable[[Cell, dict], Any] | None = None) -> list[dict]:
+    """Run the cells one after the other, skipping those the store holds as finished.
+
+    Prints ``[i/n] <run name>`` before each run, ``[i/n] skip <run name>: finished`` for a finished cell and
+    ``[i/n] failed <run name>: <error>`` for a cell whose run raised; a failure does not stop the grid.
+
+    Args:
+        cells: from `plan_grid`.
+        dataset_dirs: the dataset folder of each task ({task: folder}), one folder for every task, or None where
+            the config makes its own (the smoke config's phantoms).
+        tracking_uri: the MLflow store (default: `voco.tracking.default_tracking_uri()`).
+        config_files: bundle config files, e.g. ("train.json", "smoke.json").
+        overrides: further bundle settings for every cell, e.g. {"max_epochs": 50, "val_interval": 5}.
+        runner: ``runner(cell, settings)`` runs one cell, where settings are the bundle overrides (task, pretrained,
+            mode, ..., dataset_dir, tracking_uri, the overrides); default: the bundle in this process.
+
+    Returns:
+        one row per cell: {"cell": Cell, "status": "done" | "skipped" | "failed", "error": str | None}.
+
+    Raises:
+        ConfigError: before anything runs, for a task without a dataset folder or a checkpoint file that does not
+            exist (among the cells still to run).
+    """
+    from voco.tracking import default_tracking_uri
+
+    tracking_uri = tracking_uri or default_tracking_uri()
+    runner = runner or bundle_runner(config_files)
+    finished = finished_cells(tracking_uri)
+    to_run = [cell for cell in cells if cell.run_name not in finished]
+    folders = {cell.task: _dataset_dir_of(dataset_dirs, cell.task) for cell in to_run}
+    for cell in to_run:  # a typo in a path should not cost the cells before it
+        if not _is_scratch(cell.pretrained) and not Path(cell.pretrained).expanduser().is_file():
+            raise ConfigError(f"the checkpoint {cell.pretrained} does not exist; give the path of an exported "
+                              f"encoder (voco export) or an official VoCo checkpoint.")
+    rows, total = [], len(cells)
+    for index, cell in enumerate(cells, start=1):
+        name, prefix = cell.run_name, f"[{index}/{total}]"
+        if name in finished:
+            print(f"{prefix} skip {name}: finished", flush=True)
+            rows.append({"cell": cell, "status": "skipped", "error": None})
+            continue
+        print(f"{prefix} {name}", flush=True)
+        settings = {**cell.settings(), "tracking_uri": tracking_uri, **dict(overrides or {})}
+        if _is_scratch(cell.pretrained):
+            settings["pretrained"] = "scratch"
+        else:
+            settings["pretrained"] = str(Path(cell.pretrained).expanduser().resolve())
+        if folders[cell.task] is not None:
+            settings["dataset_dir"] = folders[cell.task]
+        start = time.perf_counter()
+        try:
+            runner(cell, settings)
+        except Exception as error:  # noqa: BLE001 - one cell's failure is reported, the grid goes on
+            message = _error_line(error)
+            print(f"{prefix} failed {name}: {message}", flush=True)
+            _mark_failed(tracking_uri, cell)
+            rows.append({"cell": cell, "status": "failed", "error": message})
+            continue
+        finished = finished_cells(tracking_uri) | finished
+        if name not in finished:  # the store is what makes the grid resumable: a run it does not hold is not done
+            message = (f"the run returned but {tracking_uri} holds no FINISHED run named {name} with a best/ "
+                       f"metric; check the tracking settings")
+            print(f"{prefix} failed {name}: {message}", flush=True)
+            rows.append({"cell": cell, "status": "failed", "error": message})
+            continue
+        print(f"{prefix} done {name} in {time.perf_counter() - start:.0f} s", flush=True)
+        rows.append({"cell": cell, "status": "done", "error": None})
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed")}
+    print(f"grid: {counts['done']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed",
+          flush=True)
+    return rows
