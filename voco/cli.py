@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from voco.bundles import run_bundle
 from voco.errors import VocoError
 
 
@@ -95,13 +96,17 @@ class BenchmarkCommands:
 
         name = str(config).removesuffix(".json")
         config_files = ["train.json"] + ([] if name == "train" else [f"{name}.json"])
+        if dataset_dir is None and name == "train":
+            raise VocoError("the benchmark needs --dataset_dir: the folder of the task's dataset, or task=folder pairs "
+                            "such as btcv=/data/BTCV,msd-task09-spleen=/data/Task09_Spleen (`voco benchmark check` "
+                            "verifies one).")
         size = size if size is not None else ("tiny" if "smoke.json" in config_files else "B")
         cells = plan_grid(parse_list(tasks), parse_list(pretrained), seeds=parse_list(seeds),
                           modes=parse_list(modes) or None, backbone=backbone, size=size,
                           training_cases=training_cases)
         overrides = {key: value for key, value in (("max_epochs", max_epochs), ("val_interval", val_interval))
                      if value is not None}
-        print(f"benchmark grid: {len(cells)} runs ({len(parse_list(tasks))} tasks x encoders x modes x seeds)")
+        print(f"benchmark grid: {len(cells)} fine-tuning run{'' if len(cells) == 1 else 's'}")
         rows = run_grid(cells, dataset_dirs=parse_dataset_dirs(dataset_dir), tracking_uri=tracking_uri,
                         config_files=config_files, overrides=overrides)
         print("see the results with `voco benchmark report`")
@@ -213,23 +218,6 @@ class VocoCommands:
               "see bundles/downstream_benchmark/docs/README.md for the measured comparison)")
         print(f"demo finished in {time.perf_counter() - start:.0f} s. Browse the runs with:\n"
               f"    .venv/bin/mlflow ui --backend-store-uri {tracking_uri}")
-
-
-def bundle_dir(name: str) -> Path:
-    """bundles/<name> of this checkout (voco is installed in editable mode from it)."""
-    folder = Path(__file__).resolve().parents[1] / "bundles" / name
-    if not folder.is_dir():
-        raise VocoError(f"bundle folder {folder} is missing; run voco from its source checkout (pip install -e .).")
-    return folder
-
-
-def run_bundle(name: str, config_files: list[str], **overrides) -> None:
-    """`python -m monai.bundle run` in this process (saves an interpreter start)."""
-    from monai.bundle import run
-
-    folder = bundle_dir(name)
-    run(config_file=[str(folder / "configs" / f) for f in config_files], bundle_root=str(folder),
-        logging_file=str(folder / "configs" / "logging.conf"), **overrides)
 
 
 def summarize_regions(manifest: str, *, preset: str | None = None, region_size=(192, 192, 64), batch_size: int = 2,

@@ -188,7 +188,7 @@ def format_csv(summary: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _series_label(row: Mapping[str, Any], varying: Sequence[str]) -> str:
-    label = f"{row['encoder']}/{row['mode']}"
+    label = row["encoder"] if row["encoder"] == row["mode"] else f"{row['encoder']}/{row['mode']}"
     if "backbone" in varying or "size" in varying:
         label += f" {row['backbone']}-{row['size']}"
     if "training_cases" in varying:
@@ -216,7 +216,7 @@ def draw_chart(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
                 continue
             positions.append(index - 0.4 + width * (number + 0.5))
             heights.append(row["mean"])
-            errors.append(row["std"] or 0.0)
+            errors.append(row["std"] if row["std"] is not None else float("nan"))  # one seed: no error bar
         axis.bar(positions, heights, width * 0.92, yerr=errors, capsize=3, label=name)
     labelled = False
     for index, task in enumerate(tasks):

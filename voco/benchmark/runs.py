@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from voco.bundles import config_paths, run_bundle
 from voco.errors import ConfigError, VocoError, optional_import
 
 ENCODER_MODES = ("finetune", "frozen", "linear_probe")  # what a pretrained encoder can be used as
@@ -229,28 +230,12 @@ def parse_dataset_dirs(value: Any) -> dict[str, str] | str | None:
     return pairs
 
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "downstream_benchmark"
-
-
 def bundle_runner(config_files: Sequence[str] = ("train.json",)) -> Callable[[Cell, dict], None]:
-    """The default runner: the downstream_benchmark bundle in this process (`monai.bundle.run`), MLflow tracking.
-
-    (The same call as `voco.cli.run_bundle`, which this module cannot import: nothing imports the command.)
-    """
-    if not BUNDLE.is_dir():
-        raise VocoError(f"the bundle folder {BUNDLE} is missing; run voco from its source checkout (pip install -e .).")
-    missing = [name for name in config_files if not (BUNDLE / "configs" / name).is_file()]
-    if missing:
-        known = ", ".join(sorted(path.name for path in (BUNDLE / "configs").glob("*.json")))
-        raise ConfigError(f"the downstream bundle has no config {missing[0]!r} in {BUNDLE / 'configs'}; use one of "
-                          f"{known} (train.json first, then overrides such as smoke.json).")
+    """The default runner: the downstream_benchmark bundle in this process (`monai.bundle.run`), MLflow tracking."""
+    config_paths("downstream_benchmark", config_files)  # fail before the first cell, not after it
 
     def run(cell: Cell, settings: dict) -> None:
-        from monai.bundle import run as monai_bundle_run
-
-        monai_bundle_run(config_file=[str(BUNDLE / "configs" / name) for name in config_files],
-                         bundle_root=str(BUNDLE), logging_file=str(BUNDLE / "configs" / "logging.conf"),
-                         tracking="mlflow", **settings)
+        run_bundle("downstream_benchmark", config_files, tracking="mlflow", **settings)
 
     return run
 

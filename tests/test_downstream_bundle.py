@@ -1,0 +1,80 @@
+"""The downstream benchmark bundle through `python -m monai.bundle run`: fine-tune the phantom segmentation task
+from a pretrained encoder (smoke settings), then evaluate the best checkpoint and predict label maps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "downstream_benchmark"
+
+
+def run_bundle(cwd: Path, extra_config: str | None, *overrides: str) -> subprocess.CompletedProcess:
+    files = [f"'{BUNDLE}/configs/train.json'", f"'{BUNDLE}/configs/smoke.json'"]
+    if extra_config:
+        files.append(f"'{BUNDLE}/configs/{extra_config}'")
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{','.join(files)}]",
+               "--bundle_root", str(BUNDLE), "--logging_file", str(BUNDLE / "configs" / "logging.conf"), *overrides]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    import torch
+
+    from voco.networks import build_backbone
+
+    cwd = tmp_path_factory.mktemp("downstream")
+    encoder = build_backbone("swin", "tiny", window_size=2)  # the smoke network: feature size 12, window 2
+    torch.save(encoder.state_dict(), cwd / "tiny_encoder.pt")
+    tracking_uri = f"sqlite:///{cwd}/runs/mlflow.db"
+    trained = run_bundle(cwd, None, "--pretrained", str(cwd / "tiny_encoder.pt"), "--max_epochs", "1",
+                         "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "cell")
+    return cwd, tracking_uri, trained
+
+
+def test_finetune_from_a_pretrained_encoder_logs_the_task_metrics(finetuned):
+    import mlflow
+
+    cwd, tracking_uri, trained = finetuned
+    output = trained.stdout + trained.stderr
+    assert "loaded 145/145 encoder tensors" in output  # the key report of the encoder load
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("benchmark-phantom-seg")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "cell" and run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    for name in ["metric/dice", "metric/dice/liver", "metric/dice/lesion", "best/metric/dice", "train_loss"]:
+        assert name in metrics, name
+    assert 0.0 <= metrics["best/metric/dice"] <= 1.0
+    assert run.data.tags["voco.mode"] == "finetune" and run.data.tags["voco.encoder"] == "tiny_encoder"
+    folder = cwd / "runs" / "benchmark" / "cell"
+    assert (folder / "checkpoints" / "model.pt").is_file()
+    result = json.loads((folder / "result.json").read_text())
+    assert result["key_metric"] == "metric/dice" and result["best"] == pytest.approx(metrics["best/metric/dice"])
+    artifacts = [item.path for item in client.list_artifacts(run.info.run_id, "validation")]
+    assert artifacts == ["validation/validation_case.png"]
+
+
+def test_evaluate_and_predict_with_the_best_checkpoint(finetuned):
+    import nibabel as nib
+
+    cwd, _, _ = finetuned
+    run_bundle(cwd, "evaluate.json", "--pretrained", str(cwd / "tiny_encoder.pt"), "--run_name", "cell")
+    metrics_file = cwd / "runs" / "benchmark" / "cell" / "evaluation" / "metrics.csv"
+    assert "metric/dice" in metrics_file.read_text()
+    run_bundle(cwd, "inference.json", "--pretrained", str(cwd / "tiny_encoder.pt"), "--run_name", "cell")
+    predictions = sorted((cwd / "runs" / "benchmark" / "cell" / "predictions").glob("*_seg.nii.gz"))
+    datalist = json.loads((cwd / "runs" / "phantom_tasks" / "phantom-seg" / "phantom_seg.json").read_text())
+    assert len(predictions) == len(datalist["validation"]) == 2
+    for prediction in predictions:  # inverted onto the grid of the original file
+        name = prediction.name.replace("_seg.nii.gz", ".nii.gz")
+        original = nib.load(next((cwd / "runs" / "phantom_tasks" / "phantom-seg").rglob(name)))
+        assert nib.load(prediction).shape[:3] == original.shape[:3]
