@@ -77,7 +77,7 @@ def test_checkpoints_resume_and_export(smoke_run, tmp_path):
     assert state["trainer"]["iteration"] == 6
     assert state["backbone_spec"]["size"] == "tiny"
     out, count = export_encoder(checkpoints / "checkpoint_final.pt", tmp_path / "encoder.pt")
-    model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, use_v2=True)
+    model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, use_v2=True, window_size=2)  # as smoke.json
     report = load_encoder_weights(model, out)
     assert report.loaded_fraction == 1.0 and len(report.loaded) == count
     exported = torch.load(out, weights_only=True)

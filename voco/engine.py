@@ -254,13 +254,14 @@ class ViewsPicture:
 
 
 class RunInfo:
-    """What a checkpoint needs to rebuild the encoder (saved beside the weights as plain data)."""
+    """What a checkpoint needs to rebuild the encoder: the backbone spec and the pretext's name, saved beside the
+    weights as plain data (CheckpointSaver takes objects with a state_dict)."""
 
     def __init__(self, backbone: Mapping[str, Any], pretext: str) -> None:
-        self.info = {"backbone_spec": dict(backbone), "pretext": pretext}
+        self.spec = dict(backbone, pretext=pretext)
 
     def state_dict(self) -> dict:
-        return dict(self.info["backbone_spec"], pretext=self.info["pretext"])
+        return dict(self.spec)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # the config decides the model; nothing to restore
         pass
