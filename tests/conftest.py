@@ -25,3 +25,19 @@ def shared_data() -> Path:
     if directory is None:
         pytest.skip("the real sample volumes are absent: set VOCO_SHARED_DATA or put them at ../shared/data")
     return directory
+
+
+def run_bundle_command(bundle: str, config_files: list[str], cwd: Path, *overrides: str, launcher: list[str] | None = None,
+                       env: dict | None = None):
+    """`python -m monai.bundle run` of bundles/<bundle> with these config files, as a user types it; asserts exit 0."""
+    import subprocess
+    import sys
+
+    folder = REPO_ROOT / "bundles" / bundle
+    configs = "[" + ",".join(f"'{folder}/configs/{name}'" for name in config_files) + "]"
+    command = (launcher or [sys.executable]) + ["-m", "monai.bundle", "run", "--config_file", configs,
+                                                "--bundle_root", str(folder), "--logging_file",
+                                                str(folder / "configs" / "logging.conf"), *overrides]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_bundle_command
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "downstream_benchmark"
 
 
 def run_bundle(cwd: Path, extra_config: str | None, *overrides: str) -> subprocess.CompletedProcess:
-    files = [f"'{BUNDLE}/configs/train.json'", f"'{BUNDLE}/configs/smoke.json'"]
-    if extra_config:
-        files.append(f"'{BUNDLE}/configs/{extra_config}'")
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{','.join(files)}]",
-               "--bundle_root", str(BUNDLE), "--logging_file", str(BUNDLE / "configs" / "logging.conf"), *overrides]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    configs = ["train.json", "smoke.json"] + ([extra_config] if extra_config else [])
+    return run_bundle_command("downstream_benchmark", configs, cwd, *overrides)
 
 
 @pytest.fixture(scope="module")

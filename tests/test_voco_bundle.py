@@ -8,18 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_bundle_command
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "voco_pretrain"
 
 
 def run_bundle(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/smoke.json']"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(BUNDLE),
-               "--logging_file", str(BUNDLE / "configs" / "logging.conf"), *overrides]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_bundle_command("voco_pretrain", ["train.json", "smoke.json"], cwd, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +86,13 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     import mlflow
 
     torchrun = Path(sys.executable).parent / "torchrun"
-    configs = (f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/smoke.json',"
-               f"'{BUNDLE}/configs/multi_gpu_train.json']")
     tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
     (tmp_path / "tmp").mkdir()
-    command = [str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
-               "--config_file", configs, "--bundle_root", str(BUNDLE), "--tracking", "mlflow",
-               "--tracking_uri", tracking_uri, "--run_name", "two-ranks"]
     environment = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=environment)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_bundle_command("voco_pretrain", ["train.json", "smoke.json", "multi_gpu_train.json"], tmp_path,
+                                "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "two-ranks",
+                                launcher=[str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"],
+                                env=environment)
     assert result.stdout.count("step 4/4") == 1  # progress from rank 0 only
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name("voco_pretrain")
