@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC_CANDIDATES = [os.environ.get("VOCO_SHARED_SPECS"), REPO_ROOT.parent / "shared" / "specs"]
 SPEC_FILE = next((Path(folder) / "downstream_tasks_reference.json" for folder in SPEC_CANDIDATES
                   if folder and (Path(folder) / "downstream_tasks_reference.json").is_file()), None)
-PHANTOM_IDS = ("phantom-seg", "phantom-cls")
+PHANTOM_IDS = ("phantom-seg", "phantom-cls", "phantom-reg")
 SMALL = {"shape_range": [[40, 48], [40, 48], [20, 24]]}
 
 
@@ -47,7 +47,7 @@ def registry_document() -> dict:
 # The shipped registry against the reference
 
 
-def test_registry_holds_every_reference_task_and_the_two_phantom_tasks(registry, spec_rows):
+def test_registry_holds_every_reference_task_and_the_phantom_tasks(registry, spec_rows):
     assert list(registry) == [row["id"] for row in spec_rows] + list(PHANTOM_IDS)
     assert len(spec_rows) == 51
     kinds = [task.task_type for task in registry.values() if not task.provenance.get("synthetic")]
@@ -191,7 +191,7 @@ def test_a_bad_entry_gives_a_manifest_error_naming_the_entry_and_field(registry_
 def test_a_repeated_id_and_a_wrong_format_or_version_are_refused(registry_document, tmp_path):
     repeated = copy.deepcopy(registry_document)
     repeated["tasks"].append(copy.deepcopy(repeated["tasks"][0]))
-    with pytest.raises(ManifestError, match=r"tasks\[53\] \(btcv\) repeats the task id"):
+    with pytest.raises(ManifestError, match=r"tasks\[54\] \(btcv\) repeats the task id"):
         validate_registry(repeated, source="tasks.json")
     for key, value, words in (("format", "voco-manifest", "not a voco task registry"), ("version", 2, "version 2")):
         path = tmp_path / f"{key}.json"
@@ -214,18 +214,19 @@ def test_get_task_finds_ids_regardless_of_case_and_suggests_close_ones(registry)
         get_task("msd-task09-spleem", registry)
     with pytest.raises(ConfigError, match="'btcv'"):
         get_task("btvc", registry)
-    with pytest.raises(ConfigError, match="no downstream task 'knee-mri'.*`voco benchmark list` shows all 53"):
+    with pytest.raises(ConfigError, match="no downstream task 'knee-mri'.*`voco benchmark list` shows all 54"):
         get_task("knee-mri", registry)
 
 
 def test_task_rows_filter_by_type_and_modality_and_the_table_shows_them(registry):
-    assert [row["id"] for row in task_rows(task_type="registration", registry=registry)] == ["ixi", "oasis"]
+    registration = task_rows(task_type="registration", registry=registry)
+    assert [row["id"] for row in registration] == ["ixi", "oasis", "phantom-reg"]
     magnetic_resonance = task_rows(modality="MRI", registry=registry)
     assert magnetic_resonance == task_rows(modality="mr", registry=registry)
     assert len(magnetic_resonance) == 11 and {row["modality"] for row in magnetic_resonance} == {"MR"}
     both = task_rows(task_type="classification", modality="CT", registry=registry)
     assert [row["id"] for row in both] == ["cc-ccii", "luna16-ncc", "phantom-cls"]
-    assert len(task_rows(registry=registry)) == 53
+    assert len(task_rows(registry=registry)) == 54
     with pytest.raises(ConfigError, match="task type 'detection'"):
         task_rows(task_type="detection", registry=registry)
 
@@ -371,9 +372,15 @@ def test_prepared_phantom_tasks_pass_the_check(registry, tmp_path):
     assert 0 < sum(lesion.values()) < 6  # seed 3 gives both classes, so validation holds one of each
     assert sorted(entry["label"] for entry in classification["validation"]) == [0, 1]
 
+    registration = json.loads((dataset_dir / "phantom_reg.json").read_text())
+    assert (len(registration["training"]), len(registration["validation"])) == (3, 2)
+    assert registration["validation"][-1] == {  # phantom 0 is the atlas, moved onto every other phantom
+        "moving_image": "images/phantom_0000.nii.gz", "fixed_image": "images/phantom_0005.nii.gz",
+        "moving_label": "labels/phantom_0000.nii.gz", "fixed_label": "labels/phantom_0005.nii.gz"}
+
     for task_id in PHANTOM_IDS:
         rows = check_task_dataset(registry[task_id], dataset_dir)
-        assert rows == [] and rows.scans == 6, rows
+        assert rows == [] and rows.scans == (5 if task_id == "phantom-reg" else 6), rows  # reg: 5 atlas pairs
 
     image = "images/phantom_0000.nii.gz"
     (dataset_dir / "bad_labels.json").write_text(json.dumps({"training": [

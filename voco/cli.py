@@ -87,7 +87,7 @@ class BenchmarkCommands:
 
         --tasks btcv,msd-task09-spleen --pretrained a.pt,b.pt,scratch --seeds 0,1,2
         --dataset_dir DIR (one folder) or btcv=DIR,msd-task09-spleen=DIR; not needed with --config smoke.
-        --config train|smoke (smoke: a tiny model on phantoms it makes, for phantom-seg / phantom-cls).
+        --config train|smoke (smoke: a tiny model on phantoms it makes, for phantom-seg / phantom-cls / phantom-reg).
         --modes finetune,frozen,linear_probe (how each checkpoint is used; default finetune).
         --size B (default; tiny with --config smoke) --training_cases N (few-label setting) --max_epochs N.
         Each cell is an MLflow run in experiment benchmark-<task>; exit 1 if a cell failed.

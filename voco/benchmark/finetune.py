@@ -67,11 +67,15 @@ def task_datalists(task: Task, dataset_dir: str | Path, *, datalist: str | None 
     return training, validation
 
 
-def require_finetune_type(task: Task) -> Task:
-    if not task.runnable or task.task_type not in FINETUNE_TYPES:
+def require_finetune_type(task: Task, task_types: Sequence[str] = FINETUNE_TYPES) -> Task:
+    """The task, if it is runnable and of one of `task_types` (registration.json passes ("registration",))."""
+    task_types = tuple(task_types)
+    if not task.runnable or task.task_type not in task_types:
         reason = "is marked not runnable (see its notes)" if not task.runnable else f"is a {task.task_type} task"
-        raise ConfigError(f"task {task.id!r} {reason}; this bundle fine-tunes segmentation and classification "
-                          f"tasks ({', '.join(FINETUNE_TYPES)}).")
+        hint = ("; registration tasks run with the bundle's registration.json override"
+                if task.runnable and task.task_type == "registration" else "")
+        raise ConfigError(f"task {task.id!r} {reason}; this configuration runs {' and '.join(task_types)} "
+                          f"tasks{hint}.")
     return task
 
 

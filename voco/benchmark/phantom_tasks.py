@@ -1,7 +1,9 @@
-"""The synthetic downstream tasks "phantom-seg" and "phantom-cls": phantoms plus the datalist their task names.
+"""The synthetic downstream tasks "phantom-seg", "phantom-cls" and "phantom-reg": phantoms plus the datalist
+their task names.
 
-Both tasks read the same phantom set (`voco.data.phantoms`): phantom-seg segments its organs (label maps in
-`PHANTOM_CLASSES` order), phantom-cls tells whether a phantom has a lesion (its "lesion" attribute). They let the
+The tasks read the same phantom set (`voco.data.phantoms`): phantom-seg segments its organs (label maps in
+`PHANTOM_CLASSES` order), phantom-cls tells whether a phantom has a lesion (its "lesion" attribute), phantom-reg
+registers phantom 0 (the atlas) onto each other phantom, as IXI registers its atlas onto subjects. They let the
 downstream benchmark run end to end on a CPU, from a clean checkout, in about a minute:
 
     dataset_dir = prepare_phantom_task("phantom-seg", "runs/phantom_tasks")
@@ -16,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from voco.benchmark.registry import Task, get_task
+from voco.benchmark.registry import Task, get_task, registration_keys
 from voco.data.manifest import load_manifest, to_datalist
 from voco.data.phantoms import ensure_phantoms
 from voco.errors import ConfigError
@@ -50,30 +52,45 @@ def _write_json_atomically(content: Any, path: Path) -> None:
         raise
 
 
+def _atlas_pairs(task: Task, entries: list[dict]) -> list[dict]:
+    """Registration pairs: phantom 0 (the atlas) as the moving image of every other phantom, labels included."""
+    moving_image, fixed_image, moving_label, fixed_label = registration_keys(task)
+    atlas = entries[0]
+    return [{moving_image: atlas[task.image_key], fixed_image: entry[task.image_key],
+             moving_label: atlas[task.label_key], fixed_label: entry[task.label_key]} for entry in entries[1:]]
+
+
 def prepare_phantom_task(task_id: str, dataset_dir: str | os.PathLike, *, n: int = 12, n_validation: int = 4,
                          seed: int = 0, **phantom_options: Any) -> Path:
     """Make (or reuse) `n` phantoms in `dataset_dir` and write the task's Decathlon-style datalist there.
 
     Args:
-        task_id: "phantom-seg" or "phantom-cls" (a registry task with provenance {"synthetic": true}).
+        task_id: "phantom-seg", "phantom-cls" or "phantom-reg" (a registry task with provenance
+            {"synthetic": true}).
         dataset_dir: the folder for the phantoms and the datalist; a folder holding other files is refused.
         n: number of phantoms.
         n_validation: how many of them the "validation" list gets (the rest are "training"); for phantom-cls
-            half of them have a lesion where the set allows.
+            half of them have a lesion where the set allows; for phantom-reg, the pairs whose fixed phantom is
+            one of the last `n_validation` (phantom 0, the atlas, is the moving image of every pair).
         seed: the phantom seed (`voco.data.phantoms.ensure_phantoms`).
         phantom_options: further options of `voco.data.phantoms.synthesize`, e.g. a small `shape_range` in tests.
 
     Returns:
         `dataset_dir`, holding the task's datalist file (`Task.datalist_file`) with paths relative to it:
-        phantom-seg entries {"image", "label": label map}, phantom-cls entries {"image", "label": 0 or 1}.
+        phantom-seg entries {"image", "label": label map}, phantom-cls entries {"image", "label": 0 or 1},
+        phantom-reg entries {"moving_image", "fixed_image", "moving_label", "fixed_label"} (`registration_keys`).
     """
     task: Task = get_task(task_id)
     if not task.provenance.get("synthetic"):
-        raise ConfigError(f"{task.id} is not a synthetic phantom task; give phantom-seg or phantom-cls.")
+        raise ConfigError(f"{task.id} is not a synthetic phantom task; give phantom-seg, phantom-cls or "
+                          f"phantom-reg.")
     if not (all(isinstance(value, int) and not isinstance(value, bool) for value in (n, n_validation))
             and 1 <= n_validation < n):
         raise ConfigError(f"n_validation is {n_validation!r} for n={n!r} phantoms; give whole numbers with "
                           f"1 <= n_validation < n, so that both training and validation get phantoms.")
+    if task.task_type == "registration" and n - n_validation < 2:
+        raise ConfigError(f"phantom-reg with n={n} and n_validation={n_validation} leaves no training pair "
+                          f"(phantom 0 is the atlas of every pair); give n >= n_validation + 2.")
     dataset_dir = Path(dataset_dir).expanduser().resolve()
     manifest = load_manifest(ensure_phantoms(dataset_dir, n, seed, **phantom_options))
     scans = to_datalist(manifest, dataset_dir)
@@ -85,6 +102,8 @@ def prepare_phantom_task(task_id: str, dataset_dir: str | os.PathLike, *, n: int
         entry[task.label_key] = labels[index] if classify else os.path.relpath(scan["label"], dataset_dir)
         entries.append(entry)
     validation = set(_validation_indices(labels, len(entries), n_validation))
+    if task.task_type == "registration":
+        entries, validation = _atlas_pairs(task, entries), {index - 1 for index in validation}
     class_names = task.class_names if classify else ("background", *task.class_names)
     _write_json_atomically({
         "name": task.id,

@@ -85,7 +85,7 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
     from voco.benchmark.finetune import encoder_name, require_finetune_type
     from voco.benchmark.registry import get_task
 
-    task_ids = list(dict.fromkeys(require_finetune_type(get_task(str(task))).id for task in tasks))
+    task_ids = list(dict.fromkeys(require_finetune_type(get_task(str(task)), GRID_TASK_TYPES).id for task in tasks))
     sources = list(dict.fromkeys("scratch" if _is_scratch(source) else str(source) for source in pretrained))
     seed_list = list(dict.fromkeys(_whole(seed, "seed") for seed in seeds))
     mode_list = list(dict.fromkeys(str(mode) for mode in (modes or ("finetune",))))
@@ -230,12 +230,19 @@ def parse_dataset_dirs(value: Any) -> dict[str, str] | str | None:
     return pairs
 
 
+GRID_TASK_TYPES = ("segmentation", "classification", "registration")
+
+
 def bundle_runner(config_files: Sequence[str] = ("train.json",)) -> Callable[[Cell, dict], None]:
     """The default runner: the downstream_benchmark bundle in this process (`monai.bundle.run`), MLflow tracking."""
     config_paths("downstream_benchmark", config_files)  # fail before the first cell, not after it
 
     def run(cell: Cell, settings: dict) -> None:
-        run_bundle("downstream_benchmark", config_files, tracking="mlflow", **settings)
+        from voco.benchmark.registry import get_task
+
+        # registration cells add the bundle's registration override to whatever configs the grid uses
+        files = list(config_files) + (["registration.json"] if get_task(cell.task).task_type == "registration" else [])
+        run_bundle("downstream_benchmark", files, tracking="mlflow", **settings)
 
     return run
 
