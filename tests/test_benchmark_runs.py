@@ -88,11 +88,13 @@ def test_plan_grid_crosses_tasks_encoders_modes_and_seeds():
     assert {cell.seed for cell in modes} == {0, 1}
     assert "btcv-a-linear_probe-swin_L-5cases-seed1" in {cell.run_name for cell in modes}
     assert plan_grid(["btcv"], ["scratch", "scratch"], seeds=(0, 0)) == [Cell("btcv", "scratch", "scratch", 0)]
+    # registration cells are planned too (the runner adds the registration.json override for them)
+    assert [cell.task for cell in plan_grid(["ixi", "phantom-reg"], ["scratch"])] == ["ixi", "phantom-reg"]
 
 
 @pytest.mark.parametrize("arguments, words", [
     ((["btvc"], ["scratch"]), "did you mean 'btcv'"),
-    ((["ixi"], ["scratch"]), "registration task"),
+    ((["ct-rate-retrieval"], ["scratch"]), "not runnable"),
     ((["btcv"], ["/one/model.pt", "/two/model.pt"]), "rename one"),
     ((["btcv"], []), "no pretrained"),
 ])
