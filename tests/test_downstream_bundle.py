@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,22 @@ def test_evaluate_and_predict_with_the_best_checkpoint(finetuned):
         name = prediction.name.replace("_seg.nii.gz", ".nii.gz")
         original = nib.load(next((cwd / "runs" / "phantom_tasks" / "phantom-seg").rglob(name)))
         assert nib.load(prediction).shape[:3] == original.shape[:3]
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """The multi-GPU overrides under `torchrun --nproc_per_node 2` on CPU (gloo): metrics gathered, one MLflow run."""
+    import os
+
+    import mlflow
+
+    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    (tmp_path / "tmp").mkdir()
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run_bundle_command("downstream_benchmark", ["train.json", "smoke.json", "multi_gpu_train.json"], tmp_path,
+                       "--max_epochs", "1", "--tracking", "mlflow", "--tracking_uri", tracking_uri,
+                       launcher=[str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"],
+                       env=dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1"))
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("benchmark-phantom-seg").experiment_id])
+    assert run.info.status == "FINISHED" and "best/metric/dice" in run.data.metrics
+    assert list((tmp_path / "runs" / "benchmark").glob("*/checkpoints/model.pt"))
