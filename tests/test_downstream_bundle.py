@@ -90,3 +90,17 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("benchmark-phantom-seg").experiment_id])
     assert run.info.status == "FINISHED" and "best/metric/dice" in run.data.metrics
     assert list((tmp_path / "runs" / "benchmark").glob("*/checkpoints/model.pt"))
+
+
+def test_classification_task_through_the_bundle(tmp_path):
+    """phantom-cls (lesion or not): the encoder-classifier, BCE, AUC as the key metric and accuracy."""
+    import mlflow
+
+    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    run_bundle(tmp_path, None, "--task", "phantom-cls", "--max_epochs", "1", "--tracking", "mlflow",
+               "--tracking_uri", tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("benchmark-phantom-cls").experiment_id])
+    metrics = run.data.metrics
+    assert {"metric/auc", "metric/accuracy", "best/metric/auc"} <= set(metrics)
+    assert 0.0 <= metrics["metric/accuracy"] <= 1.0 and run.data.tags["voco.key_metric"] == "metric/auc"
