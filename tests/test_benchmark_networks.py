@@ -428,3 +428,20 @@ def test_registration_metrics_warp_the_moving_labels():
     ddf[:, 0] = 1.0  # warped(x) = moving(x + 1): exactly undoes the shift
     metrics = registration_metrics(ddf, moving_label, fixed_label, num_classes=2, class_names=("organ",))
     assert metrics == pytest.approx({"dice": 1.0, "dice/organ": 1.0, "non_positive_jacobian": 0.0})
+
+
+@pytest.mark.parametrize("task_id, raw, converted", [
+    ("mm-whs-ct", [0, 205, 420, 850], [0, 1, 2, 7]),   # MM-WHS codes -> 1..7
+    ("brats21", [0, 1, 2, 4], [0, 1, 2, 3]),           # BraTS 1, 2, 4 -> 1, 2, 3
+    ("panorama", [0, 3, 6, 7, 9], [0, 3, 6, 0, 0]),    # labels above 6 -> 0
+    ("lndb", [0, 1, 2, 5], [0, 1, 1, 1]),              # any nodule label -> 1
+    ("btcv", [0, 7, 13], [0, 7, 13]),                  # no remap
+])
+def test_reference_label_conversions(task_id, raw, converted):
+    from voco.benchmark.registry import get_task
+    from voco.benchmark.transforms import _label_remap_steps
+
+    item = {"label": torch.tensor(raw, dtype=torch.float32).view(1, -1, 1, 1)}
+    for step in _label_remap_steps(get_task(task_id), "label"):
+        item = step(item)
+    assert torch.as_tensor(item["label"]).flatten().tolist() == converted

@@ -101,7 +101,8 @@ def inference_transforms(task: Task) -> mt.Compose:
 def _segmentation_steps(task: Task, train: bool, num_samples: int) -> list[mt.Transform]:
     image, label = task.image_key, task.label_key
     keys = [image, label]
-    steps = _read_steps(task, [image], [label]) + _intensity_and_foreground_steps(task, [image], keys)
+    steps = (_read_steps(task, [image], [label]) + _label_remap_steps(task, label)
+             + _intensity_and_foreground_steps(task, [image], keys))
     steps.append(mt.SpatialPadd(keys=keys, spatial_size=task.roi_size))
     if not train:
         return steps
@@ -166,6 +167,32 @@ def _read_steps(task: Task, image_keys: list[str], label_keys: list[str], option
         modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
         steps.append(mt.Spacingd(keys=keys, pixdim=task.spacing, mode=modes, allow_missing_keys=optional_labels))
     return steps
+
+
+def _zero_above(label: torch.Tensor, highest: int) -> torch.Tensor:
+    return torch.where(label > highest, torch.zeros_like(label), label)
+
+
+def _binarize(label: torch.Tensor) -> torch.Tensor:
+    return (label > 0).to(label.dtype)
+
+
+def _label_remap_steps(task: Task, label_key: str) -> list[mt.Transform]:
+    """The reference's own label conversions (registry provenance "label_remap"): a value mapping (MM-WHS codes,
+    BraTS 1/2/4), "zero_above" N (PANORAMA), or "binarize" (LNDb nodules)."""
+    remap = task.provenance.get("label_remap")
+    if not remap:
+        return []
+    if remap.get("mapping"):
+        raw = [int(value) for value in remap["mapping"]]
+        return [mt.MapLabelValued(keys=label_key, orig_labels=raw, target_labels=[remap["mapping"][str(value)]
+                                                                                 for value in raw])]
+    if remap.get("zero_above") is not None:  # functools.partial, not a lambda: DataLoader workers pickle it
+        return [mt.Lambdad(keys=label_key, func=functools.partial(_zero_above, highest=int(remap["zero_above"])))]
+    if remap.get("binarize"):
+        return [mt.Lambdad(keys=label_key, func=_binarize)]
+    raise ConfigError(f"task {task.id!r} has a label_remap without a mapping, zero_above or binarize rule; "
+                      f"complete its registry entry.")
 
 
 def _intensity_steps(intensity: Intensity | None, image_keys: list[str]) -> list[mt.Transform]:
