@@ -199,7 +199,7 @@ class VocoCommands:
         checkpoint = latest_checkpoint(Path("runs") / run_name / "checkpoints")
         encoder, count = export_encoder(checkpoint, out_dir / "voco_encoder.pt")
         print(f"[5/6] exported {count} encoder tensors to {encoder} (they load into MONAI SwinUNETR(use_v2=True, "
-              f"feature_size=12))")
+              f"feature_size=12, window_size=2), the smoke settings)")
         print("[6/6] fine-tuning on the phantom segmentation task (bundles/downstream_benchmark, smoke settings), "
               "from scratch and from the pretrained encoder:")
         rows = []
