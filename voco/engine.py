@@ -271,7 +271,7 @@ def latest_checkpoint(directory: str | Path) -> str | None:
     """Path of the newest readable checkpoint in `directory` (for resume), or None."""
     from voco.checkpoints import find_latest_checkpoint
 
-    found = find_latest_checkpoint(Path(directory)) if Path(directory).is_dir() else None
+    found = find_latest_checkpoint(Path(directory))  # None for a folder that does not exist yet
     return None if found is None else str(found)
 
 

@@ -20,7 +20,7 @@ from monai.handlers import MeanDice, ROCAUC, from_engine
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from voco.benchmark.registry import Task
-from voco.errors import ConfigError, ManifestError
+from voco.errors import ConfigError, ManifestError, optional_import
 from voco.tracking import RunLogger
 
 FINETUNE_TYPES = ("segmentation", "classification")
@@ -156,8 +156,6 @@ class ValidationPicture:
     def __call__(self, engine: Engine) -> Path | None:
         if self.task.task_type != "segmentation" or not engine.state.output:
             return None
-        from voco.errors import optional_import
-
         plt = optional_import("matplotlib.pyplot", "drawing the validation picture")
         case = engine.state.output[0]
         image = torch.as_tensor(case["image"])[0].float().cpu()
