@@ -15,8 +15,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -qq -c constraints.txt -e '.[test]'
 	@touch $@
 
+# OPENBLAS_NUM_THREADS=1: numpy/scipy's OpenBLAS threads would otherwise compete with torch's for the cores.
 test: venv
-	$(BIN)/python -m pytest -q tests
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
 demo: venv
 	$(BIN)/voco demo

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_bundle_command
+from conftest import assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow
 
 
 
@@ -20,23 +20,15 @@ def run_bundle(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
 def smoke_run(tmp_path_factory):
     """One smoke run (4 steps) with MLflow tracking, then the same command resumed to 6 steps."""
     cwd = tmp_path_factory.mktemp("bundle")
-    tracking_uri = f"sqlite:///{cwd}/runs/mlflow.db"
-    first = run_bundle(cwd, "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "smoke")
+    tracking_uri, first = smoke_run_with_mlflow("voco_pretrain", cwd)
     resumed = run_bundle(cwd, "--run_name", "smoke", "--max_steps", "6")
     return cwd, tracking_uri, first, resumed
 
 
 def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
-    import mlflow
-
     cwd, tracking_uri, first, _ = smoke_run
     assert "step 4/4" in first.stdout
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name("voco_pretrain")
-    runs = client.search_runs([experiment.experiment_id])
-    assert [run.info.run_name for run in runs] == ["smoke"]
-    run = runs[0]
-    assert run.info.status == "FINISHED"
+    client, run = only_finished_run(tracking_uri, "voco_pretrain")
     for name in ["loss", "loss/intra", "loss/inter", "loss/regularization", "metric/position_mae",
                  "metric/position_top1", "lr", "teacher_momentum", "throughput/volumes_per_s",
                  "data/skipped_volumes", "val/metric/position_mae", "val/metric/position_top1"]:
@@ -45,12 +37,7 @@ def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
     assert [point.step for point in history] == [2, 4]
     assert run.data.metrics["data/skipped_volumes"] == 0
     assert 0.0 <= run.data.metrics["metric/position_top1"] <= 1.0
-    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
-    assert "views" in artifacts
-    views = [item.path for item in client.list_artifacts(run.info.run_id, "views")]
-    assert views == ["views/views.png"]
-    local = Path(client.download_artifacts(run.info.run_id, "views/views.png", str(cwd)))
-    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png_artifacts(client, run, cwd, ["views/views.png"])
     # artifacts live beside the embedded store, not in a ./mlruns of the working folder
     assert (cwd / "runs" / "artifacts").is_dir() and not (cwd / "mlruns").exists()
 

@@ -4,6 +4,12 @@ The loader delivers regions; each pretext makes its own views on the device (see
 `import voco` is cheap and needs neither itk nor mlflow; features that need them import them lazily.
 """
 
+import os
+
+# Where voco is imported before numpy (the `voco` command): numpy/scipy's OpenBLAS threads would otherwise compete
+# with torch's OpenMP threads and slow CPU training ~10x on small machines. An explicit setting is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 __version__ = "0.1.0"
 
 from voco.errors import CheckpointError, ConfigError, ManifestError, VocoError, VolumeError

@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 # the owner is the shortest run of path components before the first encoder component.
 _ENCODER_KEY = re.compile(r"^(?P<owner>(?:[^.]+\.)*?)(?P<name>(?:swinViT|encoder(?:1|2|3|4|10))\..+)$")
 _DECODER_COMPONENT = re.compile(r"^(?:decoder\d+|out)\.")
+# A key of our ViT encoder (MONAI ViT names; position_encoder is the optional Fourier position MLP).
+_VIT_KEY = re.compile(r"^(?:patch_embedding\.|blocks\.\d+\.|norm\.|position_encoder\.)")
+# MONAI's ViT blocks hold a LayerNorm for cross-attention that UNETR never uses: not part of an encoder to fill.
+_UNUSED_MONAI_KEY = re.compile(r"^blocks\.\d+\.norm_cross_attn\.")
 # MONAI model_swinvit.pt stores the Swin transformer without the "swinViT." owner.
 _SWINVIT_ONLY_KEY = re.compile(r"^(?:patch_embed|layers[1-4])\.")
 # Containers that the reference loader and common trainers put a state dict under, in search order.
@@ -328,6 +332,9 @@ class LoadReport:
                 hints.append(f"the checkpoint has {ckpt_shape[1]} input channels and the model {model_shape[1]}")
             if name == "swinViT.patch_embed.proj.weight" and ckpt_shape[0] != model_shape[0]:
                 hints.append(f"the checkpoint has feature size {ckpt_shape[0]} and the model {model_shape[0]}")
+            if name.endswith("position_embeddings"):
+                hints.append("the position table has another grid (the input size differs from pretraining); the model "
+                             "keeps its own table (for the frozen sin-cos default, the same function of position)")
         if any(re.match(r"swinViT\.layers[1-4]c\.", name) for name in self.missing_encoder):
             hints.append("the checkpoint has no v2 residual blocks (layers*c): it was trained with use_v2=False")
         if any(re.match(r"swinViT\.layers[1-4]c\.", name) for name in self.skipped_unexpected):
@@ -380,7 +387,7 @@ def load_encoder_weights(
     targets = {key[len(prefix) :]: value for key, value in model_state.items() if key.startswith(prefix)}
     encoder_targets = {name for name in targets if _is_encoder_key(name, "")}
     if not encoder_targets:  # not a SwinUNETR encoder: every tensor under the prefix is the encoder
-        encoder_targets = set(targets)
+        encoder_targets = {name for name in targets if not _UNUSED_MONAI_KEY.match(name)}
 
     report = LoadReport(
         outside_encoder=[name for name in targets if name not in encoder_targets],
@@ -417,10 +424,13 @@ def load_encoder_weights(
 
 
 def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str | os.PathLike) -> tuple[Path, int]:
-    """Write the encoder alone in the official SSL-head format (``swinViT.*``, ``encoder1|2|3|4|10.*``).
+    """Write the encoder alone: a Swin encoder in the official SSL-head format (``swinViT.*``,
+    ``encoder1|2|3|4|10.*``), a ViT encoder under MONAI ``ViT`` names (``patch_embedding.*``, ``blocks.*``,
+    ``norm.*``).
 
-    The file is a plain dict of tensors, so it loads with ``weights_only=True`` and into
-    ``SwinUNETR(use_v2=True)`` by name. It is written atomically: a temporary file in the same
+    The file is a plain dict of tensors, so it loads with ``weights_only=True`` and by name into
+    ``SwinUNETR(use_v2=True)``, or into MONAI ``ViT(..., qkv_bias=True)`` / ``UNETR(..., qkv_bias=True).vit``
+    (whose unused ``norm_cross_attn`` tensors are the only ones left out). It is written atomically: a temporary file in the same
     folder is renamed over ``out_path``, so a failed export leaves no file and keeps an old one.
 
     Args:
@@ -432,21 +442,23 @@ def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str 
         ``(out_path, number of tensors written)``.
 
     Raises:
-        CheckpointError: the source cannot be read or holds no SwinUNETR encoder tensors.
+        CheckpointError: the source cannot be read or holds neither Swin nor ViT encoder tensors.
     """
     label = str(source) if isinstance(source, (str, os.PathLike)) else "the given checkpoint"
     checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
     weights, source_format = encoder_state_dict(checkpoint)
     # clone(): a view would drag its whole storage (e.g. the full pretext's) into the file.
+    is_encoder_key = (lambda name: _is_encoder_key(name, "")) if any(_is_encoder_key(name, "") for name in weights) \
+        else _VIT_KEY.match
     encoder = {
         name: tensor.detach().cpu().contiguous().clone()
         for name, tensor in weights.items()
-        if _is_encoder_key(name, "")
+        if is_encoder_key(name)
     }
     if not encoder:
         raise CheckpointError(
-            f"Found no SwinUNETR encoder tensors (swinViT.*, encoder1|2|3|4|10.*) in {label} "
-            f"[{source_format}]; export a checkpoint of a run with the swin backbone."
+            f"Found no encoder tensors (Swin: swinViT.*, encoder1|2|3|4|10.*; ViT: patch_embedding.*, blocks.*) "
+            f"in {label} [{source_format}]; export a checkpoint of a pretraining run."
         )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

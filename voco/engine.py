@@ -123,6 +123,17 @@ class PretextTrainer(Trainer):
         return [result]
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: weight decay on weight matrices and kernels, none on biases, norms and learned
+    tokens (1-D parameters or names ending in ``_token``), as MAE and the slides' recipe do."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            learned_token = name.rsplit(".", 1)[-1].endswith(("token", "mask_value"))
+            (no_decay if parameter.ndim <= 1 or learned_token else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 class StepLogger:
     """Every `interval` iterations: print progress and log the step's losses, metrics, lr and throughput.
 
@@ -224,7 +235,7 @@ class PretextValidation:
 
 
 class ViewsPicture:
-    """At the end of training, draw the pretext's views of one batch and log the picture as an MLflow artifact."""
+    """At the end of training, draw the pretext's views of one batch and log the picture(s) as MLflow artifacts."""
 
     def __init__(self, data_loader: Iterable, output_dir: str, draw: Callable | None = None,
                  file_name: str = "views.png") -> None:
@@ -247,10 +258,13 @@ class ViewsPicture:
         finally:
             pretext.train()
         draw = self.draw or getattr(pretext, "save_views_picture")
-        draw(views, path)
-        RunLogger(engine).log_artifact(path, "views")
-        print(f"views of one region: {path}", flush=True)
-        return path
+        written = draw(views, path)  # one path, or several (one per task of the cyclic pretext)
+        paths = written if isinstance(written, (list, tuple)) else [path]
+        run = RunLogger(engine)
+        for picture in paths:
+            run.log_artifact(picture, "views")
+            print(f"views of one region: {picture}", flush=True)
+        return paths[0] if paths else None
 
 
 class RunInfo:
@@ -300,10 +314,15 @@ def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str)
     return folder
 
 
-def distributed_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around the pretext (gloo on CPU, NCCL on GPUs)."""
+def distributed_model(model: torch.nn.Module, device: torch.device,
+                      find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around the pretext (gloo on CPU, NCCL on GPUs).
+
+    ``find_unused_parameters=True`` where a step leaves some parameters out (the cyclic multi-task pretext runs
+    one task's heads per step)."""
     device_ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                     find_unused_parameters=find_unused_parameters)
 
 
 def broadcast_object(value: Any) -> Any:

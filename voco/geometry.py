@@ -287,3 +287,36 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | 
             selected = selected.transpose(-3, -2)
         crops[which] = selected
     return crops
+
+
+def resample_boxes(images: torch.Tensor, boxes: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """Cut boxes of any size out of a batch of 3-D images and resample each to ``size``, in one ``grid_sample``.
+
+    The output voxel centres are spread evenly over the box (``align_corners=False`` semantics): a box the size
+    of the output returns its voxels exactly, a box twice the output size returns the means of voxel pairs along
+    each axis (trilinear). Points outside the image take the border value.
+
+    Args:
+        images: ``[B, C, X, Y, Z]``.
+        boxes: ``[B, N, 6]`` float (or int) boxes ``[x0, y0, z0, x1, y1, z1]`` in voxel edges, max exclusive.
+        size: output size ``(sx, sy, sz)``.
+        mode: ``"bilinear"`` (trilinear in 3-D) or ``"nearest"``.
+
+    Returns:
+        ``[B, N, C, sx, sy, sz]`` on the images' device and dtype.
+    """
+    batch_size, channels = images.shape[:2]
+    num_boxes = boxes.shape[1]
+    spatial = torch.tensor(images.shape[2:], dtype=torch.float32, device=images.device)
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    # Box edges in grid_sample's normalised coordinates: voxel edge e of an axis of length S maps to 2 e / S - 1.
+    lower, upper = 2 * boxes[..., :3] / spatial - 1, 2 * boxes[..., 3:] / spatial - 1  # [B, N, 3]
+    axes = [torch.linspace(-1 + 1 / n, 1 - 1 / n, n, device=images.device) for n in size]  # output voxel centres
+    unit = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # [sx, sy, sz, 3] in [-1, 1]
+    centre, half = (lower + upper) / 2, (upper - lower) / 2
+    points = centre[:, :, None, None, None] + half[:, :, None, None, None] * unit  # [B, N, sx, sy, sz, 3]
+    # grid_sample reads the last grid axis as (W, H, D) = (z, y, x); boxes are stacked along the first output axis.
+    grid = points.flip(-1).reshape(batch_size, num_boxes * size[0], size[1], size[2], 3)
+    crops = torch.nn.functional.grid_sample(images, grid.to(images.dtype), mode=mode, padding_mode="border",
+                                            align_corners=False)  # [B, C, N * sx, sy, sz]
+    return crops.view(batch_size, channels, num_boxes, *size).movedim(2, 1)

@@ -5,9 +5,10 @@
     loss_function = task_loss(task)
 
 - segmentation: MONAI ``SwinUNETR(use_v2=True)`` (the VoCo downstream network) or, with ``backbone="vit"``,
-  MONAI ``UNETR``;
-- classification: :class:`EncoderClassifier`, the VoCo ``SwinEncoder`` with its pooled ``24 C`` embedding and a
-  linear head;
+  MONAI ``UNETR`` whose ViT is our :class:`voco.networks.vit.UNETRViT` (MONAI's parameter names, so a ViT
+  pretrained here loads by name, with the pretraining's attention layout kept);
+- classification: :class:`EncoderClassifier`, the VoCo ``SwinEncoder`` with its pooled ``24 C`` embedding (or a
+  ``ViTEncoder``'s mean token) and a linear head;
 - registration: :class:`RegistrationNetwork`, a ``SwinUNETR`` predicting a displacement field from the moving and
   fixed images, and MONAI's ``Warp``.
 
@@ -35,6 +36,7 @@ from voco.checkpoints import LoadReport, load_encoder_weights
 from voco.errors import ConfigError
 from voco.networks import build_backbone, swin_feature_size
 from voco.networks.swin import ENCODER_BLOCKS, SwinEncoder
+from voco.networks.vit import UNETRViT, ViTEncoder, vit_spec
 
 __all__ = [
     "INITIALIZATION_MODES",
@@ -48,13 +50,12 @@ __all__ = [
 ]
 
 INITIALIZATION_MODES = ("finetune", "frozen", "linear_probe", "scratch")
-TASK_BACKBONES = {"segmentation": ("swin", "vit"), "classification": ("swin",), "registration": ("swin",)}
-# UNETR sizes: "B" is the ViT-B/16 of the UNETR paper; "tiny" is for tests.
-VIT_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 96, "mlp_dim": 384, "num_heads": 3, "feature_size": 12},
-    "B": {"hidden_size": 768, "mlp_dim": 3072, "num_heads": 12, "feature_size": 16},
-}
-SWIN_DIVISOR, VIT_DIVISOR = 32, 16  # the input sizes each network needs to be divisible by
+TASK_BACKBONES = {"segmentation": ("swin", "vit"), "classification": ("swin", "vit"), "registration": ("swin",)}
+# UNETR decoder width per ViT size ("B": the ViT-B/16 UNETR of the paper; "tiny" is for tests). UNETR needs 12 blocks
+# and patch 16.
+UNETR_FEATURE_SIZES = {"tiny": 12, "s": 16, "b": 16}
+VIT_PATCH = 16
+SWIN_DIVISOR = 32  # the input sizes the Swin network needs to be divisible by (the ViT: VIT_PATCH)
 SIMILARITIES = ("lncc", "mse")
 REGULARIZATIONS = ("bending", "diffusion")
 
@@ -118,7 +119,8 @@ class RegistrationNetwork(nn.Module):
 
 
 def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = "B", dropout: float = 0.0,
-                       use_checkpoint: bool = False, window_size: int = 7) -> nn.Module:
+                       use_checkpoint: bool = False, window_size: int = 7, vit_layout: str = "global",
+                       vit_window_size: int = 3, vit_position_embedding: str = "sincos") -> nn.Module:
     """The network of a task: SwinUNETR-v2 / UNETR (segmentation), EncoderClassifier, or RegistrationNetwork.
 
     Args:
@@ -130,6 +132,8 @@ def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = 
         use_checkpoint: gradient checkpointing of the Swin blocks (less memory, more compute).
         window_size: Swin attention window (7 as released; must match the pretrained encoder's, since the relative
             position tables have its shape; the smoke configs use 2 for speed on CPUs).
+        vit_layout, vit_window_size, vit_position_embedding: the ViT's attention layout (``global``, ``window`` ...),
+            window in tokens and position embedding, as in pretraining (see `voco.networks.vit.ViTEncoder`).
 
     Raises:
         ConfigError: a task type or backbone without a network here, an unknown size, or a roi the network cannot
@@ -143,14 +147,24 @@ def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = 
     if backbone not in allowed:
         raise ConfigError(f"backbone {backbone!r} is not available for {task.task_type} (task {task.id!r}); "
                           f"use one of {', '.join(allowed)}.")
-    _check_roi(task, VIT_DIVISOR if backbone == "vit" else SWIN_DIVISOR)
+    _check_roi(task, VIT_PATCH if backbone == "vit" else SWIN_DIVISOR)
 
-    if task.task_type == "segmentation" and backbone == "vit":
-        by_name = {name.lower(): value for name, value in VIT_SIZES.items()}
-        if str(size).lower() not in by_name:
-            raise ConfigError(f"unknown ViT size {size!r}; use one of {', '.join(VIT_SIZES)}.")
-        return UNETR(in_channels=task.in_channels, out_channels=task.out_channels, img_size=task.roi_size,
-                     dropout_rate=dropout, **by_name[str(size).lower()])
+    if backbone == "vit":
+        spec = vit_spec(size)
+        vit_options = dict(in_channels=task.in_channels, input_size=task.roi_size, patch_size=VIT_PATCH,
+                           layout=vit_layout, window_size=vit_window_size, position_embedding=vit_position_embedding,
+                           use_checkpoint=use_checkpoint, **spec)
+        if task.task_type == "classification":
+            return EncoderClassifier(ViTEncoder(**vit_options), task.out_channels, dropout=dropout)
+        if spec["depth"] != 12 or str(size).lower() not in UNETR_FEATURE_SIZES:
+            raise ConfigError(f"UNETR takes the skip connections of a 12-block ViT; ViT size {size!r} has "
+                              f"{spec['depth']} blocks: use size tiny, S or B for segmentation.")
+        network = UNETR(in_channels=task.in_channels, out_channels=task.out_channels, img_size=task.roi_size,
+                        dropout_rate=dropout, hidden_size=spec["hidden_size"], mlp_dim=4 * spec["hidden_size"],
+                        num_heads=spec["num_heads"], feature_size=UNETR_FEATURE_SIZES[str(size).lower()],
+                        qkv_bias=True)
+        network.vit = UNETRViT(**vit_options)  # same parameter names as MONAI's ViT, with our layout
+        return network
     if task.task_type == "segmentation":  # monai >= 1.5 needs no img_size
         return SwinUNETR(in_channels=task.in_channels, out_channels=task.out_channels,
                          feature_size=swin_feature_size(size), use_v2=True, drop_rate=dropout,
@@ -192,7 +206,7 @@ def encoder_of(network: nn.Module) -> nn.Module:
         return nn.ModuleDict({name: getattr(network, name) for name in ("swinViT", *ENCODER_BLOCKS)})
     if isinstance(network, UNETR):
         return network.vit
-    if isinstance(network, SwinEncoder):
+    if isinstance(network, (SwinEncoder, ViTEncoder)):
         return network
     raise ConfigError(f"a {type(network).__name__} has no known encoder; pass a network from build_task_network.")
 

@@ -8,8 +8,9 @@ from voco.errors import ConfigError
 from voco.networks.heads import VoCoProjector
 from voco.networks.swin import BACKBONE_SIZES, SwinEncoder, swin_feature_size
 from voco.networks.teacher import EMATeacher, cosine_momentum
+from voco.networks.vit import VIT_SIZES, ViTEncoder, vit_spec
 
-BACKBONES = ("swin",)
+BACKBONES = ("swin", "vit")
 
 
 def build_backbone(name: str = "swin", size: str | int = "B", in_channels: int = 1, use_checkpoint: bool = False,
@@ -17,20 +18,26 @@ def build_backbone(name: str = "swin", size: str | int = "B", in_channels: int =
     """A backbone from its spec, so that a bundle switches backbones with one key.
 
     Args:
-        name: ``"swin"`` (the SwinUNETR-v2 encoder of VoCo).
-        size: ``"tiny"`` (C = 12, for tests), ``"B"`` (48), ``"L"`` (96), ``"H"`` (192), or an int feature size.
+        name: ``"swin"`` (the SwinUNETR-v2 encoder of VoCo) or ``"vit"`` (`ViTEncoder` with an attention layout).
+        size: Swin: ``"tiny"`` (C = 12, for tests), ``"B"`` (48), ``"L"`` (96), ``"H"`` (192), or an int feature
+            size. ViT: ``"tiny"`` (96 wide, for tests), ``"S"``, ``"B"``, ``"L"``.
         in_channels: input channels.
         use_checkpoint: gradient checkpointing.
-        **kwargs: passed to the backbone class (e.g. ``dropout_path_rate``).
+        **kwargs: passed to the backbone class (Swin: e.g. ``window_size``; ViT: ``input_size``, ``patch_size``,
+            ``layout``, ``window_size``, ``position_embedding`` ...).
 
     >>> build_backbone("swin", "tiny").embedding_dim
     288
+    >>> build_backbone("vit", "tiny", input_size=32, patch_size=8).embedding_dim
+    96
     """
     if str(name).lower() == "swin":
         return SwinEncoder(in_channels=in_channels, feature_size=swin_feature_size(size),
                            use_checkpoint=use_checkpoint, **kwargs)
+    if str(name).lower() == "vit":
+        return ViTEncoder(in_channels=in_channels, use_checkpoint=use_checkpoint, **{**vit_spec(size), **kwargs})
     raise ConfigError(f"unknown backbone {name!r}; use one of {', '.join(BACKBONES)}.")
 
 
-__all__ = ["BACKBONES", "BACKBONE_SIZES", "build_backbone", "SwinEncoder", "VoCoProjector", "EMATeacher",
-           "cosine_momentum", "swin_feature_size"]
+__all__ = ["BACKBONES", "BACKBONE_SIZES", "VIT_SIZES", "build_backbone", "SwinEncoder", "ViTEncoder", "VoCoProjector",
+           "EMATeacher", "cosine_momentum", "swin_feature_size", "vit_spec"]

@@ -1,7 +1,16 @@
-"""Pretext tasks: each an nn.Module around a backbone whose forward(batch) returns {"loss": ..., "loss/...": ...}."""
+"""Pretext tasks: each an nn.Module around a backbone whose forward(batch) returns {"loss": ..., "loss/...": ...}.
+
+One file per objective: voco.py (VoCo), mae.py (MAE and SimMIM), query_box.py (query-box localisation),
+contrastive.py (contrastive embedding), cyclic.py (several of them in turn on one backbone).
+"""
 
 from __future__ import annotations
 
+from voco.pretext.contrastive import ContrastivePretext
+from voco.pretext.cyclic import CyclicPretext
+from voco.pretext.mae import MaskedImagePretext
+from voco.pretext.query_box import QueryBoxPretext
 from voco.pretext.voco import VoCoPretext, save_views_picture
 
-__all__ = ["VoCoPretext", "save_views_picture"]
+__all__ = ["ContrastivePretext", "CyclicPretext", "MaskedImagePretext", "QueryBoxPretext", "VoCoPretext",
+           "save_views_picture"]

@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voco.errors import ConfigError, optional_import
+from voco.errors import ConfigError
 from voco.geometry import (CROP_SAMPLING_MODES, CropLayout, crop_boxes, get_layout, position_labels,
                            sample_random_boxes)
 from voco.networks.heads import VoCoProjector
 from voco.networks.teacher import EMATeacher
+from voco.pretext.views import as_generator, new_figure, regions, save_figure
 
 LOSS_FORMS = ("v2", "v1")
 
@@ -168,13 +169,6 @@ def regularization_loss(bases: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # The pretext
 # --------------------------------------------------------------------------------------------------
-def _regions(batch: Mapping[str, Any] | torch.Tensor) -> torch.Tensor:
-    images = batch["image"] if isinstance(batch, Mapping) else batch
-    if not isinstance(images, torch.Tensor):
-        raise ConfigError(f"VoCo expects a batch {{'image': Tensor[B, C, X, Y, Z]}} or a tensor, got {type(images)}.")
-    return images.as_tensor() if hasattr(images, "as_tensor") else images  # plain tensor: no MONAI metadata
-
-
 class VoCoPretext(nn.Module):
     """VoCo around a backbone: ``forward(batch) -> {"loss", "loss/intra", "loss/inter", ...}``.
 
@@ -219,7 +213,7 @@ class VoCoPretext(nn.Module):
             augmentation = CropAugmentation(**augmentation)
         self.augmentation = V2_AUGMENTATION if augmentation is True else (augmentation or None)
         self.loss_weights = {"intra": intra_weight, "inter": inter_weight, "regularization": regularization_weight}
-        self.generator = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
+        self.generator = as_generator(generator)
 
         embedding_dim = backbone.embedding_dim
         self.student_dropout = nn.Dropout1d(student_dropout)  # on [N, D] it drops whole crops' embeddings
@@ -256,7 +250,7 @@ class VoCoPretext(nn.Module):
 
     def forward(self, batch: Mapping[str, Any] | torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"image": [B, C, X, Y, Z]}`` (or the tensor), B >= 2 -> scalar losses and metrics (tensors)."""
-        images = _regions(batch)
+        images = regions(batch, "VoCo")
         if images.shape[0] < 2:
             raise ConfigError(f"VoCo needs at least 2 regions per batch for its inter-volume term, got "
                               f"{images.shape[0]}; set the batch size to 2 or more (and drop_last=True).")
@@ -301,7 +295,7 @@ class VoCoPretext(nn.Module):
         ``base_crops [K, *input_size]``, ``random_crops [S, *input_size]`` (first channel, as fed to the
         network), ``labels [S, K]``, ``predictions [S, K]`` (s(student random crop, teacher base crop)), ``grid``.
         """
-        images = _regions(batch)
+        images = regions(batch, "VoCo")
         was_training = self.training
         self.eval()
         try:
@@ -329,9 +323,6 @@ def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Pat
 
     Middle z slices throughout; matplotlib is imported lazily. The file appears complete or not at all.
     """
-    optional_import("matplotlib", "the VoCo views picture")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     base_crops, random_crops = views["base_crops"], views["random_crops"]
@@ -339,11 +330,7 @@ def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Pat
     num_base, num_random = base_crops.shape[0], random_crops.shape[0]
     grid_rows = views["grid"][0]
     columns = max(num_base, 1 + 3 * num_random)
-    figure = Figure(figsize=(1.7 * columns, 3.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(2, columns, squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
+    figure, axes = new_figure(1.7 * columns, 3.8, 2, columns)
 
     def middle_slice(crop: torch.Tensor) -> torch.Tensor:
         return crop[..., crop.shape[-1] // 2]
@@ -376,12 +363,4 @@ def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Pat
         axes[1, k].imshow(middle_slice(base_crops[k]), cmap="gray")
         axes[1, k].set_title(f"base {k}", fontsize=8)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        figure.savefig(partial, format="png", dpi=100)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return save_figure(figure, path)

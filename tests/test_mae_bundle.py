@@ -1,0 +1,91 @@
+"""The MAE bundle end to end through `python -m monai.bundle run`, as a user runs it: smoke settings on phantoms
+it generates itself, MLflow tracking into an embedded store, checkpoints, resume, export into MONAI's ViT, and
+SimMIM on the Swin encoder under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow
+
+
+def run_bundle(cwd: Path, *overrides: str, **options) -> subprocess.CompletedProcess:
+    return run_bundle_command("mae_pretrain", ["train.json", "smoke.json"], cwd, *overrides, **options)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run (4 steps) with MLflow tracking, then the same command resumed to 6 steps."""
+    cwd = tmp_path_factory.mktemp("mae_bundle")
+    tracking_uri, first = smoke_run_with_mlflow("mae_pretrain", cwd)
+    resumed = run_bundle(cwd, "--run_name", "smoke", "--max_steps", "6")
+    return cwd, tracking_uri, first, resumed
+
+
+def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
+    cwd, tracking_uri, first, _ = smoke_run
+    assert "step 4/4" in first.stdout
+    client, run = only_finished_run(tracking_uri, "mae_pretrain")
+    for name in ["loss", "loss/reconstruction", "metric/reconstruction_psnr", "metric/mask_ratio", "lr",
+                 "throughput/volumes_per_s", "data/skipped_volumes", "val/loss/reconstruction",
+                 "val/metric/reconstruction_psnr"]:
+        assert name in run.data.metrics, name
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+    assert run.data.metrics["metric/mask_ratio"] == 0.75
+    assert 0.0 < run.data.metrics["metric/reconstruction_psnr"] < 100.0
+    assert_png_artifacts(client, run, cwd, ["views/views.png"])
+    assert (cwd / "runs" / "artifacts").is_dir() and not (cwd / "mlruns").exists()
+
+
+def test_checkpoints_resume_and_export_into_monai_vit(smoke_run, tmp_path):
+    import torch
+    from monai.networks.nets import ViT
+
+    from voco.checkpoints import export_encoder, read_checkpoint
+
+    cwd, _, _, resumed = smoke_run
+    checkpoints = cwd / "runs" / "smoke" / "checkpoints"
+    assert "checkpoint_final.pt" in {path.name for path in checkpoints.glob("*.pt")}
+    assert "step 6/6" in resumed.stdout and "step 2/6" not in resumed.stdout  # went on from step 4
+    state = read_checkpoint(checkpoints / "checkpoint_final.pt")
+    assert state["trainer"]["iteration"] == 6
+    assert state["backbone_spec"]["name"] == "vit" and state["backbone_spec"]["pretext"] == "mae"
+    assert any(key.startswith("decoder_blocks.") for key in state["pretext"])
+    out, count = export_encoder(checkpoints / "checkpoint_final.pt", tmp_path / "encoder.pt")
+    exported = torch.load(out, weights_only=True)
+    assert not any("decoder" in key or "mask_token" in key for key in exported)
+    assert all(torch.equal(exported[key], state["pretext"][f"backbone.{key}"]) for key in exported)
+    # as smoke.json: ViT tiny (96 wide, 12 blocks, 3 heads), patch 8 on 32^3 regions
+    vit = ViT(in_channels=1, img_size=32, patch_size=8, hidden_size=96, mlp_dim=384, num_layers=12, num_heads=3,
+              qkv_bias=True)
+    result = vit.load_state_dict(exported, strict=False)
+    assert result.unexpected_keys == [] and all("norm_cross_attn" in key for key in result.missing_keys)
+    assert len(exported) == count
+
+
+def test_simmim_on_the_swin_encoder_with_torchrun_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node 2` with the multi-GPU overrides (gloo), SimMIM with block masks on the tiny Swin:
+    the Swin's shallower encoder blocks get no gradient, which DDP is told about."""
+    import mlflow
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    (tmp_path / "tmp").mkdir()
+    environment = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
+    result = run_bundle_command(
+        "mae_pretrain", ["train.json", "smoke.json", "multi_gpu_train.json"], tmp_path,
+        "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "swin-simmim",
+        "--variant", "simmim", "--mask_type", "block", "--mask_ratio", "0.5", "--region_size", "[32,32,64]",
+        "--backbone", "{'name': 'swin', 'size': 'tiny', 'in_channels': 1, 'window_size': 2}",
+        launcher=[str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"], env=environment)
+    assert result.stdout.count("step 4/4") == 1  # progress from rank 0 only
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("mae_pretrain").experiment_id])
+    assert [run.info.run_name for run in runs] == ["swin-simmim"] and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["metric/mask_ratio"] == 0.5
+    state_names = {path.name for path in (tmp_path / "runs" / "swin-simmim" / "checkpoints").glob("*.pt")}
+    assert "checkpoint_final.pt" in state_names

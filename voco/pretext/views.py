@@ -1,0 +1,75 @@
+"""Device-side pieces that several pretexts use to make their views: the batch's regions, flips and rot90 of a
+batch of crops, intensity jitter, and writing a picture of the views atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from voco.errors import ConfigError
+from voco.geometry import crop_boxes
+
+
+def regions(batch: Mapping[str, Any] | torch.Tensor, pretext: str = "the pretext") -> torch.Tensor:
+    """The regions ``[B, C, X, Y, Z]`` of a batch ``{"image": ...}`` (or the tensor itself), as a plain tensor
+    (MONAI metadata stripped: the device-side code and ``torch.compile`` need none)."""
+    images = batch["image"] if isinstance(batch, Mapping) else batch
+    if not isinstance(images, torch.Tensor):
+        raise ConfigError(f"{pretext} expects a batch {{'image': Tensor[B, C, X, Y, Z]}} or a tensor, got {type(images)}.")
+    return images.as_tensor() if hasattr(images, "as_tensor") else images
+
+
+def flip_rotate(crops: torch.Tensor, flips: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Flip (``flips [M, 3]`` bools per axis) then rot90 in the x-y plane (``rotations [M]``, k in 0..3) a batch of
+    crops ``[M, C, X, Y, Z]`` (X = Y where k is odd), in one gather (`voco.geometry.crop_boxes`)."""
+    size = crops.shape[2:]
+    whole = torch.tensor([0, 0, 0, *size], dtype=torch.long).expand(crops.shape[0], 1, 6)
+    return crop_boxes(crops, whole, flips[:, None], rotations[:, None])[:, 0]
+
+
+def intensity_jitter(crops: torch.Tensor, scale_range: float = 0.1, shift_range: float = 0.1,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``crop * U(1 - scale_range, 1 + scale_range) + U(-shift_range, shift_range)``, one draw per crop of
+    ``[M, C, ...]`` (draws on the CPU ``generator``, applied on the crops' device)."""
+    count = crops.shape[0]
+    scale = 1 + (torch.rand(count, generator=generator) * 2 - 1) * scale_range
+    shift = (torch.rand(count, generator=generator) * 2 - 1) * shift_range
+    view = (count,) + (1,) * (crops.ndim - 1)
+    return crops * scale.to(crops).view(view) + shift.to(crops).view(view)
+
+
+def as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
+    """A CPU generator from an int seed (None: torch's global generator is used)."""
+    return torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
+
+
+def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as PNG so that the file appears complete or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        figure.savefig(partial, format="png", dpi=dpi)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def new_figure(width: float, height: float, rows: int, columns: int):
+    """A matplotlib figure (no pyplot, no display) and its axes grid with the axes switched off."""
+    from voco.errors import optional_import
+
+    optional_import("matplotlib", "the views picture")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    return figure, axes
