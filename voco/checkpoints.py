@@ -45,6 +45,7 @@ __all__ = [
     "export_encoder",
     "find_latest_checkpoint",
     "load_encoder_weights",
+    "ranked_checkpoints",
     "read_checkpoint",
 ]
 
@@ -480,15 +481,28 @@ def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str 
 def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint file of a run folder (or of its ``checkpoints/``), or None.
 
+    The first of :func:`ranked_checkpoints` that is not visibly incomplete (empty, a zip without its end); a cheap
+    check that does not deserialise. `voco.engine.latest_checkpoint` (resume) also reads each candidate fully.
+    """
+    for path in ranked_checkpoints(directory):
+        if _looks_complete(path):
+            return path
+        logger.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def ranked_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The checkpoint files of a run folder (or of its ``checkpoints/``), newest first; [] for a missing folder.
+
     Files are ranked by their training iteration: the number in ignite's names
     (``checkpoint_iteration=200.pt``, ``checkpoint_final_iteration=1000.pt``, ``net_200.pt``), else the
     iteration the file itself records (``{"trainer": {"iteration": …}}`` or ``{"global_step": …}``, as in
     a fixed ``checkpoint_final.pt``). Files without either rank below, by modification time. Hidden and
-    temporary files and files that are visibly incomplete (empty, a zip without its end) are passed over.
+    temporary files are left out.
     """
     directory = Path(directory)
     if not directory.is_dir():
-        return None
+        return []
     # The bundles save under <run folder>/checkpoints: accept the run folder itself too.
     folders = [folder for folder in (directory, directory / "checkpoints") if folder.is_dir()]
     candidates = [
@@ -503,11 +517,7 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         step = int(match.group(1) or match.group(2)) if match else _stored_step(path)
         return (0, 0, path.stat().st_mtime) if step is None else (1, step, path.stat().st_mtime)
 
-    for path in sorted(candidates, key=rank, reverse=True):
-        if _looks_complete(path):
-            return path
-        logger.warning("skipping incomplete checkpoint %s", path)
-    return None
+    return sorted(candidates, key=rank, reverse=True)
 
 
 def _stored_step(path: Path) -> int | None:

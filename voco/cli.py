@@ -82,7 +82,8 @@ class BenchmarkCommands:
     def run(self, tasks, pretrained="scratch", seeds=0, dataset_dir=None, config: str = "train",
             training_cases: int | None = None, max_epochs: int | None = None, size: str | None = None,
             backbone: str = "swin", modes=None, val_interval: int | None = None,
-            tracking_uri: str | None = None) -> None:
+            tracking_uri: str | None = None, vit_layout: str | None = None,
+            vit_window_size: int | None = None) -> None:
         """Fine-tune every task from every encoder with every seed; finished cells are skipped (resumable).
 
         --tasks btcv,msd-task09-spleen --pretrained a.pt,b.pt,scratch --seeds 0,1,2
@@ -90,6 +91,7 @@ class BenchmarkCommands:
         --config train|smoke (smoke: a tiny model on phantoms it makes, for phantom-seg / phantom-cls / phantom-reg).
         --modes finetune,frozen,linear_probe (how each checkpoint is used; default finetune).
         --size B (default; tiny with --config smoke) --training_cases N (few-label setting) --max_epochs N.
+        --backbone vit --vit_layout window --vit_window_size 3: a ViT encoder, with its pretraining's attention layout.
         Each cell is an MLflow run in experiment benchmark-<task>; exit 1 if a cell failed.
         """
         from voco.benchmark.runs import parse_dataset_dirs, parse_list, plan_grid, run_grid
@@ -104,7 +106,8 @@ class BenchmarkCommands:
         cells = plan_grid(parse_list(tasks), parse_list(pretrained), seeds=parse_list(seeds),
                           modes=parse_list(modes) or None, backbone=backbone, size=size,
                           training_cases=training_cases)
-        overrides = {key: value for key, value in (("max_epochs", max_epochs), ("val_interval", val_interval))
+        overrides = {key: value for key, value in (("max_epochs", max_epochs), ("val_interval", val_interval),
+                                                   ("vit_layout", vit_layout), ("vit_window_size", vit_window_size))
                      if value is not None}
         print(f"benchmark grid: {len(cells)} fine-tuning run{'' if len(cells) == 1 else 's'}")
         rows = run_grid(cells, dataset_dirs=parse_dataset_dirs(dataset_dir), tracking_uri=tracking_uri,

@@ -7,28 +7,48 @@ A pretext is an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": ..., "
 
 Why our own step instead of `SupervisedTrainer`: a pretext has no (image, label) pair and no separate loss
 function; it makes its own views from the batch and returns a dict of losses and metrics.
+
+Reliability (issue #6): `RandomState` puts every random generator into the checkpoint, so a resumed run continues
+exactly; `AtomicCheckpointSaver` writes checkpoints atomically and `latest_checkpoint` passes over damaged ones;
+`GracefulStop` turns SIGTERM/SIGINT into a checkpoint and a documented exit code; the trainer skips and counts
+optimizer steps with a non-finite loss or gradient norm and stops after `max_bad_steps` of them in a row.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
+import os
+import random
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointSaver
 
-from voco.errors import ConfigError
+from voco.errors import CheckpointError, ConfigError
 from voco.tracking import RunLogger
 
 logger = logging.getLogger("voco.engine")
 
 PRECISIONS = ("fp32", "bf16")
+# Counters kept in the trainer state, so that checkpoints carry them across a resume (ignite's user keys).
+COUNTERS = ("skipped_volumes", "skipped_steps", "bad_steps_in_a_row")
+# Exit code of a run stopped after `max_bad_steps` non-finite steps in a row. A run stopped by a signal exits with
+# 128 + the signal number (SIGTERM 143, SIGINT 130), as shells report a process that the signal ended.
+EXIT_NON_FINITE = 3
 
 
 def autocast(device: torch.device, precision: str):
@@ -47,6 +67,201 @@ def scalars(output: Mapping[str, Any]) -> dict[str, float]:
     return values
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _from_every_rank(value: Any) -> list:
+    """Every rank's `value`, indexed by rank (one element outside torchrun); all ranks must call it together."""
+    if not _distributed():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _pack_numpy_state(state: tuple) -> dict:
+    """A NumPy generator state (``get_state()``) as plain data and a tensor: checkpoints load with weights_only."""
+    _, keys, position, has_gauss, gauss = state
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def _unpack_numpy_state(state: Mapping) -> tuple:
+    keys = state["keys"].cpu().numpy().astype(np.uint32)
+    return ("MT19937", keys, state["position"], state["has_gauss"], state["gauss"])
+
+
+def random_transform_generators(root: Any) -> list[np.random.RandomState]:
+    """The NumPy generators (``R``) of the MONAI random transforms inside a dataset, in a fixed order.
+
+    Walks attributes, lists and tuples as MONAI's `set_rnd` does, but into every randomizable object (a Compose
+    and each of its transforms hold their own generator)."""
+    found: dict[int, np.random.RandomState] = {}
+    seen: set[int] = set()
+
+    def visit(node: Any) -> None:
+        if id(node) in seen or isinstance(node, (torch.Tensor, np.ndarray, str, bytes, int, float, type)):
+            return
+        seen.add(id(node))
+        if isinstance(node, (list, tuple)):
+            for item in node:
+                visit(item)
+            return
+        if not hasattr(node, "__dict__"):
+            return
+        generator = getattr(node, "R", None)
+        if isinstance(generator, np.random.RandomState):
+            found.setdefault(id(generator), generator)
+        for key, value in vars(node).items():
+            if not key.startswith("__"):
+                visit(value)
+
+    visit(root)
+    return list(found.values())
+
+
+class _RestOfEpoch(torch.utils.data.Sampler):
+    """A batch sampler's index sampler for the rest of an interrupted epoch: the same order without the first
+    `skip` indices (the batches trained on before the stop), so they are never loaded. One epoch only: iterating
+    it puts the original sampler back."""
+
+    def __init__(self, batch_sampler: torch.utils.data.BatchSampler, skip: int) -> None:
+        self.batch_sampler, self.sampler, self.skip = batch_sampler, batch_sampler.sampler, skip
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # the whole epoch's length, as ignite counts the epoch from the saved iteration
+
+    def __iter__(self) -> Iterator:
+        self.batch_sampler.sampler = self.sampler
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
+class RandomState:
+    """Every random generator a training run draws from, as a checkpoint object (``state_dict`` /
+    ``load_state_dict``), so that a run resumed at iteration k continues exactly as the uninterrupted run.
+
+    Held: Python's `random`, NumPy's global generator, torch's CPU and CUDA generators, the ``generator`` of every
+    module of the pretext (the tasks of the cyclic pretext too), the NumPy generators of the training dataset's
+    random transforms (those of this process: with ``num_workers=0`` this makes the resume bitwise exact on the
+    CPU; worker processes keep theirs, so with workers the regions cut after a resume differ), the DataLoader's
+    ``generator`` and the position in the epoch. Under torchrun every rank's states go into rank 0's checkpoint.
+
+    Resume inside an epoch: ignite restarts the data iterator at the epoch's first batch while counting iterations
+    from the saved one; so the loader's generator is set back to its state at the start of the interrupted epoch
+    (the same shuffle) and the batches already trained on are dropped from the sampler without being loaded.
+    Why our own: ignite's `DeterministicEngine` reseeds every epoch and rebuilds the DataLoader, and neither ignite
+    nor MONAI saves random states in checkpoints.
+    """
+
+    def __init__(self, pretext: torch.nn.Module, data_loader: Iterable) -> None:
+        self.pretext, self.data_loader = pretext, data_loader
+        self.engine: Engine | None = None
+        self._epoch_start_generator: torch.Tensor | None = None
+        self._resumed = False
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+
+    def _loader_generator(self) -> torch.Generator | None:
+        return getattr(self.data_loader, "generator", None)
+
+    def _pretext_generators(self) -> list[tuple[str, torch.Generator]]:
+        pretext = getattr(self.pretext, "module", self.pretext)  # the pretext itself under DistributedDataParallel
+        return [(name, module.generator) for name, module in pretext.named_modules()
+                if isinstance(getattr(module, "generator", None), torch.Generator)]
+
+    def _transform_generators(self) -> list[np.random.RandomState]:
+        return random_transform_generators(getattr(self.data_loader, "dataset", None))
+
+    def capture(self) -> dict:
+        """The current state of every generator of this process."""
+        generator = self._loader_generator()
+        return {
+            "python": random.getstate(),
+            "numpy": _pack_numpy_state(np.random.get_state()),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "pretext": {name: module_generator.get_state() for name, module_generator in self._pretext_generators()},
+            "transforms": [_pack_numpy_state(transform.get_state()) for transform in self._transform_generators()],
+            "data_loader": None if generator is None else generator.get_state(),
+        }
+
+    def restore(self, state: Mapping) -> None:
+        """Set every generator of this process to `state` (from `capture`); tensors may come on any device."""
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state(_unpack_numpy_state(state["numpy"]))
+        torch.set_rng_state(state["torch"].cpu())
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
+        for name, module_generator in self._pretext_generators():
+            if name in state["pretext"]:
+                module_generator.set_state(state["pretext"][name].cpu())
+        transforms = self._transform_generators()
+        if len(transforms) == len(state["transforms"]):
+            for transform, transform_state in zip(transforms, state["transforms"]):
+                transform.set_state(_unpack_numpy_state(transform_state))
+        else:
+            logger.warning("the training data has %d random transforms and the checkpoint %d: their random state "
+                           "starts afresh", len(transforms), len(state["transforms"]))
+        generator = self._loader_generator()
+        if generator is not None and state["data_loader"] is not None:
+            generator.set_state(state["data_loader"].cpu())
+
+    def state_dict(self) -> dict:
+        state = self.capture()
+        engine = self.engine
+        position = engine.state.iteration % engine.state.epoch_length if engine is not None else 0
+        if position and self._epoch_start_generator is not None:
+            state["data_loader"] = self._epoch_start_generator  # the interrupted epoch's shuffle is made again
+        state["batches_into_epoch"] = position
+        return {"ranks": _from_every_rank(state)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        ranks, rank = state["ranks"], _rank()
+        if rank >= len(ranks):
+            logger.warning("the checkpoint holds the random state of %d ranks; rank %d starts from its seed",
+                           len(ranks), rank)
+            return
+        self.restore(ranks[rank])
+        self._resumed = True
+
+    def _epoch_started(self, engine: Engine) -> None:
+        if self._resumed:
+            self._resumed = False
+            self._skip_batches(engine.state.iteration % engine.state.epoch_length)
+        generator = self._loader_generator()
+        self._epoch_start_generator = None if generator is None else generator.get_state()
+
+    def _skip_batches(self, count: int) -> None:
+        batch_sampler = getattr(self.data_loader, "batch_sampler", None)
+        if count == 0:
+            return
+        if not isinstance(batch_sampler, torch.utils.data.BatchSampler):
+            logger.warning("the training loader has no batch sampler: the rest of the interrupted epoch starts "
+                           "again from its first batch")
+            return
+        batch_sampler.sampler = _RestOfEpoch(batch_sampler, count * batch_sampler.batch_size)
+
+
+@contextlib.contextmanager
+def unchanged_random_state(pretext: torch.nn.Module, data_loader: Iterable) -> Iterator[None]:
+    """Run a block (validation, a picture of the views) without moving any generator that training draws from
+    (nor those of `data_loader`'s transforms: the block sees the same random regions each time)."""
+    keeper = RandomState(pretext, data_loader)
+    state = keeper.capture()
+    try:
+        yield
+    finally:
+        keeper.restore(state)
+
+
 class PretextTrainer(Trainer):
     """Runs ``pretext(batch)`` for `max_steps` optimizer steps with bf16, gradient accumulation and clipping.
 
@@ -59,20 +274,32 @@ class PretextTrainer(Trainer):
         precision: "fp32" or "bf16" (autocast).
         gradient_clip: max global gradient norm, or None.
         accumulation_steps: iterations whose gradients add up before one optimizer step.
+        max_bad_steps: optimizer steps in a row with a non-finite loss or gradient norm after which the run stops.
         handlers: MONAI/ignite handlers to attach.
 
     ``engine.state.output`` is a one-element list holding the step's dict (as after MONAI's decollation),
     so MONAI's ``from_engine(["loss"], first=True)`` — what ``--tracking mlflow`` uses — reads it.
+
+    Numerical faults: at every optimizer step the loss and the global gradient norm are checked; a step where
+    either is not finite is skipped (no optimizer step, no teacher update; gradients dropped) and counted in
+    ``state.skipped_steps``; `max_bad_steps` in a row stop the run (``state.exit_code`` = `EXIT_NON_FINITE`). The
+    check costs one host sync per optimizer step (as ``torch.amp.GradScaler``'s), plus one tiny all-reduce under
+    torchrun so that all ranks decide alike — the same all-reduce carries a stop request (see `GracefulStop`).
+    Only the loss of the iteration that steps is checked; under accumulation earlier ones show in the gradients.
+
+    ``state.skipped_volumes`` counts the bad volumes the loader passed over; ``random_state`` (a `RandomState`)
+    is the checkpoint object that makes a resume exact.
     """
 
     def __init__(self, device: torch.device | str, pretext: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  train_data_loader: Iterable, max_steps: int, *, precision: str = "fp32",
-                 gradient_clip: float | None = None, accumulation_steps: int = 1, non_blocking: bool = True,
-                 handlers: Sequence | None = None) -> None:
+                 gradient_clip: float | None = None, accumulation_steps: int = 1, max_bad_steps: int = 20,
+                 non_blocking: bool = True, handlers: Sequence | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision!r}; use one of {', '.join(PRECISIONS)}.")
-        if max_steps < 1 or accumulation_steps < 1:
-            raise ConfigError(f"max_steps ({max_steps}) and accumulation_steps ({accumulation_steps}) must be >= 1.")
+        if max_steps < 1 or accumulation_steps < 1 or max_bad_steps < 1:
+            raise ConfigError(f"max_steps ({max_steps}), accumulation_steps ({accumulation_steps}) and max_bad_steps "
+                              f"({max_bad_steps}) must be >= 1.")
         epoch_length = len(train_data_loader)  # type: ignore[arg-type]
         if epoch_length == 0:
             raise ConfigError("the training loader yields no batch: fewer volumes than batch_size; lower batch_size "
@@ -87,17 +314,30 @@ class PretextTrainer(Trainer):
         self.precision = precision
         self.gradient_clip = gradient_clip
         self.accumulation_steps = accumulation_steps
+        self.max_bad_steps = max_bad_steps
+        for key in COUNTERS:
+            setattr(self.state, key, 0)
+        self.state_dict_user_keys.extend(COUNTERS)
+        self.state.stop_requested = 0  # a signal number set by GracefulStop; all ranks act on it at the next step
+        self.state.stop_reason = None  # why the run stopped early ("SIGTERM", "SIGINT", "non-finite"), if it did
+        self.state.exit_code = None
+        self.random_state = RandomState(pretext, train_data_loader)
+        self.random_state.attach(self)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_max_steps)
         if handlers:
             for handler in handlers:
                 handler.attach(self)
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        # a checkpoint written before the counters existed resumes with them at zero
+        super().load_state_dict({**{key: 0 for key in COUNTERS}, **state_dict})
 
     def _stop_at_max_steps(self, engine: Engine) -> None:
         if engine.state.iteration >= self.max_steps:
             engine.terminate()
 
     def _iteration(self, engine: Engine, batch: Mapping[str, Any]) -> list[dict]:
-        pretext, optimizer = self.network, self.optimizer
+        pretext = self.network
         pretext.train()
         images = batch["image"].to(self.device, non_blocking=self.non_blocking)
         with autocast(self.device, self.precision):
@@ -108,19 +348,64 @@ class PretextTrainer(Trainer):
         (loss / self.accumulation_steps).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if engine.state.iteration % self.accumulation_steps == 0:
+            output["gradient_norm"] = self._optimizer_step(engine, loss)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        if "skipped_volumes" in batch:  # a CPU tensor from the loader: no device sync
+            engine.state.skipped_volumes += int(batch["skipped_volumes"].sum())
+        result = {key: value.detach() if isinstance(value, torch.Tensor) else value for key, value in output.items()}
+        result["lr"] = self.optimizer.param_groups[0]["lr"]
+        result["volumes"] = images.shape[0]
+        return [result]
+
+    def _optimizer_step(self, engine: Engine, loss: torch.Tensor) -> torch.Tensor:
+        """Clip and step unless the loss or the gradient norm is not finite; returns the norm before clipping."""
+        pretext, optimizer = self.network, self.optimizer
+        parameters = [parameter for parameter in pretext.parameters() if parameter.grad is not None]
+        norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in parameters]).to(loss.device)
+        if self._agreed_healthy(engine, loss, norm):
             if self.gradient_clip:
-                output["gradient_norm"] = torch.nn.utils.clip_grad_norm_(pretext.parameters(), self.gradient_clip)
+                torch.nn.utils.clip_grads_with_norm_(parameters, self.gradient_clip, norm)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             module = getattr(pretext, "module", pretext)  # the pretext itself under DistributedDataParallel
             if hasattr(module, "after_step"):
                 module.after_step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        result = {key: value.detach() if isinstance(value, torch.Tensor) else value for key, value in output.items()}
-        result["lr"] = optimizer.param_groups[0]["lr"]
-        result["volumes"] = images.shape[0]
-        result["skipped_volumes"] = batch["skipped_volumes"].sum() if "skipped_volumes" in batch else 0
-        return [result]
+            engine.state.bad_steps_in_a_row = 0
+        else:
+            self._count_bad_step(engine, loss, norm)
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _agreed_healthy(self, engine: Engine, loss: torch.Tensor, norm: torch.Tensor) -> bool:
+        """Whether every rank's loss and gradient norm are finite; also turns a stop request of any rank into a stop
+        of all ranks after this step. The one host sync of the step."""
+        state = engine.state
+        bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(norm))
+        flags = torch.stack([bad.float(), torch.tensor(float(state.stop_requested), device=bad.device)])
+        if _distributed():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_anywhere, signal_number = flags.tolist()
+        if signal_number and state.stop_reason is None and state.iteration < self.max_steps:
+            state.stop_reason, state.exit_code = signal.Signals(int(signal_number)).name, 128 + int(signal_number)
+            engine.terminate()
+        return not bad_anywhere
+
+    def _count_bad_step(self, engine: Engine, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        state = engine.state
+        state.skipped_steps += 1
+        state.bad_steps_in_a_row += 1
+        if _rank() == 0:
+            print(f"step {state.iteration}: the loss ({float(loss):.4g}) or the gradient norm ({float(norm):.4g}) is "
+                  f"not finite; the optimizer step is skipped ({state.bad_steps_in_a_row} in a row, "
+                  f"{state.skipped_steps} in all).", flush=True)
+        if state.bad_steps_in_a_row >= self.max_bad_steps and state.stop_reason is None:
+            state.stop_reason, state.exit_code = "non-finite", EXIT_NON_FINITE
+            if _rank() == 0:
+                print(f"stopping at step {state.iteration}: {state.bad_steps_in_a_row} optimizer steps in a row had a "
+                      f"non-finite loss or gradient norm, so the weights are those of the last good step; resume "
+                      f"with a lower learning_rate, precision fp32 or a gradient_clip (e.g. --learning_rate "
+                      f"{self.optimizer.defaults.get('lr', 1e-4) / 2:.3g} --precision fp32 --gradient_clip 1.0).",
+                      flush=True)
+            engine.terminate()
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -137,16 +422,16 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class StepLogger:
     """Every `interval` iterations: print progress and log the step's losses, metrics, lr and throughput.
 
-    Metric names follow DESIGN.md: ``loss``, ``loss/<part>``, ``metric/<name>``, ``lr``, ``teacher_momentum``,
-    ``throughput/volumes_per_s`` and ``data/skipped_volumes`` (cumulative). Values are read from the device
-    only on logging iterations. MONAI's `StatsHandler` prints only the loss; this prints the parts too.
+    Metric names follow DESIGN.md: ``loss``, ``loss/<part>``, ``metric/<name>``, ``lr``, ``gradient_norm``,
+    ``teacher_momentum``, ``throughput/volumes_per_s``, and the cumulative counts of the trainer state
+    ``data/skipped_volumes`` (bad volumes passed over) and ``numerics/skipped_steps`` (optimizer steps skipped for
+    a non-finite loss or gradient norm). Values are read from the device only on logging iterations (and at an
+    early stop). MONAI's `StatsHandler` prints only the loss; this prints the parts too.
     """
 
     def __init__(self, interval: int = 10, stream=None) -> None:
         self.interval = max(1, int(interval))
         self.stream = stream or sys.stdout
-        self.skipped_volumes = 0.0
-        self._pending_skipped: list = []
         self._volumes = 0
         self._clock = time.perf_counter()
         self.run: RunLogger | None = None
@@ -162,19 +447,17 @@ class StepLogger:
     def iteration_completed(self, engine: Engine) -> None:
         output = engine.state.output[0]
         self._volumes += int(output.get("volumes", 0))
-        self._pending_skipped.append(output.get("skipped_volumes", 0))
         iteration = engine.state.iteration
-        last = iteration >= getattr(engine, "max_steps", engine.state.epoch_length * engine.state.max_epochs)
+        total = getattr(engine, "max_steps", None) or engine.state.epoch_length * engine.state.max_epochs
+        last = iteration >= total or getattr(engine.state, "stop_reason", None) is not None
         if iteration % self.interval and not last:
             return
-        values = {key: value for key, value in scalars(output).items() if key not in ("volumes", "skipped_volumes")}
-        self.skipped_volumes += sum(float(s) for s in self._pending_skipped)
-        self._pending_skipped.clear()
+        values = {key: value for key, value in scalars(output).items() if key != "volumes"}
         elapsed = time.perf_counter() - self._clock
         values["throughput/volumes_per_s"] = self._volumes / max(elapsed, 1e-9)
-        values["data/skipped_volumes"] = self.skipped_volumes
+        values["data/skipped_volumes"] = float(getattr(engine.state, "skipped_volumes", 0))
+        values["numerics/skipped_steps"] = float(getattr(engine.state, "skipped_steps", 0))
         self._clock, self._volumes = time.perf_counter(), 0
-        total = getattr(engine, "max_steps", None) or engine.state.epoch_length * engine.state.max_epochs
         parts = "  ".join(f"{key} {value:.4g}" for key, value in values.items())
         print(f"step {iteration}/{total}  {parts}", file=self.stream, flush=True)
         if self.run is not None:
@@ -186,6 +469,8 @@ class PretextValidation:
 
     No labels are needed: the pretext's own metrics (e.g. VoCo's position accuracy) measure it. Results are
     printed, stored in ``engine.state.metrics`` as ``val/<name>`` and logged to MLflow at the iteration.
+    Every validation sees the same random regions and views (so values compare across steps and resumes) and
+    leaves the training's random generators where they were.
     Under torchrun every rank validates the same volumes (in step, as DistributedDataParallel needs); rank 0 logs.
     """
 
@@ -206,22 +491,21 @@ class PretextValidation:
         pretext = engine.network
         sums: dict[str, float] = {}
         batches = 0
-        cpu_state = torch.random.get_rng_state()  # validation views must not shift the training random stream
-        torch.manual_seed(self.seed)
-        pretext.eval()
-        try:
-            for index, batch in enumerate(self.data_loader):
-                if self.max_batches is not None and index >= self.max_batches:
-                    break
-                images = batch["image"].to(engine.device, non_blocking=True)
-                with autocast(engine.device, getattr(engine, "precision", "fp32")):
-                    output = pretext({"image": images})
-                for key, value in scalars(output).items():
-                    sums[key] = sums.get(key, 0.0) + value
-                batches += 1
-        finally:
-            pretext.train()
-            torch.random.set_rng_state(cpu_state)
+        with unchanged_random_state(pretext, self.data_loader):
+            torch.manual_seed(self.seed)
+            pretext.eval()
+            try:
+                for index, batch in enumerate(self.data_loader):
+                    if self.max_batches is not None and index >= self.max_batches:
+                        break
+                    images = batch["image"].to(engine.device, non_blocking=True)
+                    with autocast(engine.device, getattr(engine, "precision", "fp32")):
+                        output = pretext({"image": images})
+                    for key, value in scalars(output).items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    batches += 1
+            finally:
+                pretext.train()
         if batches == 0:
             print(f"validation at step {engine.state.iteration}: no complete batch of held-out volumes; add "
                   f"volumes or raise validation_fraction.", flush=True)
@@ -249,14 +533,16 @@ class ViewsPicture:
         pretext = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
         if not hasattr(pretext, "views"):
             return None
-        batch = next(iter(self.data_loader))
         path = Path(self.output_dir) / self.file_name
         path.parent.mkdir(parents=True, exist_ok=True)
-        pretext.eval()
-        try:
-            views = pretext.views({"image": batch["image"].to(engine.device)})
-        finally:
-            pretext.train()
+        # the final checkpoint is written after this: a longer resumed run must not see the picture's draws
+        with unchanged_random_state(pretext, self.data_loader):
+            batch = next(iter(self.data_loader))
+            pretext.eval()
+            try:
+                views = pretext.views({"image": batch["image"].to(engine.device)})
+            finally:
+                pretext.train()
         draw = self.draw or getattr(pretext, "save_views_picture")
         written = draw(views, path)  # one path, or several (one per task of the cyclic pretext)
         paths = written if isinstance(written, (list, tuple)) else [path]
@@ -281,12 +567,172 @@ class RunInfo:
         pass
 
 
-def latest_checkpoint(directory: str | Path) -> str | None:
-    """Path of the newest readable checkpoint in `directory` (for resume), or None."""
-    from voco.checkpoints import find_latest_checkpoint
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's `CheckpointSaver` that writes every file atomically and can save on request.
 
-    found = find_latest_checkpoint(Path(directory))  # None for a folder that does not exist yet
-    return None if found is None else str(found)
+    Why: MONAI builds ignite's `DiskSaver` with ``atomic=False``, so a kill during a write leaves a truncated
+    newest checkpoint; here ignite's own atomic mode is switched back on (a temporary file in the same folder,
+    renamed when complete). Interval checkpoints that an earlier run of the folder left join the rotation, so a
+    resumed run still keeps only the newest `n_saved`. Arguments are those of MONAI's `CheckpointSaver`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler._atomic = True  # the DiskSaver option MONAI turns off
+        self._adopted_earlier = False
+
+    def interval_completed(self, engine: Engine) -> None:
+        self._adopt_earlier_checkpoints(engine)
+        super().interval_completed(engine)
+
+    def _adopt_earlier_checkpoints(self, engine: Engine) -> None:
+        """Register the interval files of earlier runs (ignite's `Checkpoint` only knows the files it wrote)."""
+        checkpoint = self._interval_checkpoint
+        if self._adopted_earlier or checkpoint is None or checkpoint.n_saved is None:
+            return
+        self._adopted_earlier = True
+        prefix = f"{checkpoint.filename_prefix}_" if checkpoint.filename_prefix else ""
+        pattern = re.compile(rf"{re.escape(prefix)}checkpoint_{checkpoint.score_name}=(\d+)\.pt")
+        current = engine.state.epoch if self.epoch_level else engine.state.iteration
+        earlier = sorted((int(match.group(1)), path.name) for path in Path(self.save_dir).glob("*.pt")
+                         if (match := pattern.fullmatch(path.name)) and int(match.group(1)) < current)
+        checkpoint.load_state_dict({"_saved": earlier[-checkpoint.n_saved:]})
+
+    def save_now(self, engine: Engine) -> Path | None:
+        """Write a checkpoint of the current state now, unless this iteration's exists; returns its path.
+
+        An interval checkpoint (named by its iteration, so resume takes it as the newest), or the final one where
+        the saver has no iteration interval."""
+        checkpoint = self._interval_checkpoint
+        if checkpoint is not None and not self.epoch_level:
+            self._adopt_earlier_checkpoints(engine)
+            saved = checkpoint.state_dict()["_saved"]
+            if not saved or saved[-1][0] != engine.state.iteration:
+                checkpoint(engine)
+        elif self._final_checkpoint is not None:
+            self._delete_previous_final_ckpt()
+            checkpoint = self._final_checkpoint
+            checkpoint(engine)
+        else:
+            return None
+        return Path(checkpoint.last_checkpoint)
+
+
+def latest_checkpoint(directory: str | Path) -> str | None:
+    """Path of the newest checkpoint in `directory` that reads completely (for resume), or None where there is none.
+
+    Each candidate, newest first, is read in full with `read_checkpoint` (weights only): a file can look complete
+    and still be damaged. A damaged newer file is passed over for the previous one, with a message naming both.
+
+    Raises:
+        CheckpointError: the folder holds checkpoints and none of them can be read.
+    """
+    from voco.checkpoints import ranked_checkpoints, read_checkpoint
+
+    damaged: list[tuple[Path, CheckpointError]] = []
+    for path in ranked_checkpoints(directory):  # [] for a folder that does not exist yet
+        try:
+            read_checkpoint(path)
+        except CheckpointError as error:
+            damaged.append((path, error))
+            continue
+        if _rank() == 0:
+            for bad, error in damaged:
+                reason = str(error.__cause__ or error).strip().splitlines()[0]
+                print(f"checkpoint {bad} cannot be read ({reason}); resuming from the previous one, {path}.",
+                      flush=True)
+        return str(path)
+    if damaged:
+        raise CheckpointError(f"none of the {len(damaged)} checkpoints in {directory} can be read (the newest: "
+                              f"{damaged[0][1]}); move them away to start over, or run with --resume False.")
+    return None
+
+
+class GracefulStop:
+    """Ends a run that is asked to stop cleanly: SIGTERM (a cluster's preemption), SIGINT (Ctrl-C), or the trainer's
+    numerical stop (`PretextTrainer.max_bad_steps`).
+
+    On the first SIGTERM/SIGINT the current step finishes; then a checkpoint of the state after that step is
+    written (the newest, so resume takes it), the MLflow run is closed as KILLED (FAILED for a numerical stop), the
+    engine ends without its COMPLETED handlers (no final validation or picture), and `exit_if_stopped` exits with
+    128 + the signal number (143 for SIGTERM, 130 for SIGINT) or `EXIT_NON_FINITE`. A second signal ends the
+    process at once (killed by that signal); the same signal again within `repeat_window_s` counts as the first,
+    since process managers such as torchrun forward to their workers a signal the workers already got.
+
+    Under torchrun every rank installs the handlers; the trainer's per-step all-reduce makes all ranks stop after
+    the same step; rank 0 writes the checkpoint and the other ranks wait for it before exiting.
+    Why our own: neither ignite nor MONAI handles signals (ignite's `Engine.terminate` is what stops the loop).
+
+    Args:
+        checkpoint_saver: the run's `AtomicCheckpointSaver` (None: stop without a checkpoint).
+        repeat_window_s: seconds in which the same signal again is not a second request.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpoint_saver: AtomicCheckpointSaver | None = None, repeat_window_s: float = 2.0) -> None:
+        self.checkpoint_saver, self.repeat_window_s = checkpoint_saver, repeat_window_s
+        self.engine: Engine | None = None
+        self._first: tuple[int, float] | None = None
+        self._previous: dict[int, Any] = {}
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
+        engine.add_event_handler(Events.TERMINATE, self._restore_handlers)
+        engine.add_event_handler(Events.COMPLETED, self._restore_handlers)
+
+    def _started(self, engine: Engine) -> None:
+        RunLogger(engine).mark_running()  # a resumed run continues the MLflow run that a stop closed
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("training runs outside the main thread: SIGTERM/SIGINT end it without a checkpoint")
+            return
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore_handlers(self, engine: Engine) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Runs between two bytecodes of the main thread: only set a flag, and write with os.write (print could
+        # re-enter a print the signal interrupted).
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if self._first is None:
+            self._first = (signum, now)
+            self.engine.state.stop_requested = signum
+            os.write(2, f"\nreceived {name}: stopping after this step with a checkpoint; send it again to stop "
+                        f"at once.\n".encode())
+        elif signum != self._first[0] or now - self._first[1] > self.repeat_window_s:
+            os.write(2, f"\nreceived {name} again: stopping at once, without a checkpoint.\n".encode())
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def _stop_if_asked(self, engine: Engine) -> None:
+        state = engine.state
+        if getattr(state, "stop_reason", None) is None:
+            return
+        path = self.checkpoint_saver.save_now(engine) if self.checkpoint_saver is not None else None
+        if _distributed():
+            dist.barrier()  # torchrun ends every rank at the first exit: rank 0 must have written the checkpoint
+        RunLogger(engine).end("FAILED" if state.stop_reason == "non-finite" else "KILLED")
+        if _rank() == 0:
+            where = f"the checkpoint {path}" if path is not None else "no checkpoint (no saver given)"
+            print(f"stopped after step {state.iteration} ({state.stop_reason}) with {where}; run the same command "
+                  f"to resume (exit code {state.exit_code}).", flush=True)
+        engine.terminate(skip_completed=True)
+
+
+def exit_if_stopped(trainer: Engine) -> None:
+    """End the process with the exit code of an early stop (see `GracefulStop`); nothing after a complete run.
+    The bundles call it last in ``finalize``."""
+    code = getattr(trainer.state, "exit_code", None)
+    if code:
+        raise SystemExit(code)
 
 
 def required_setting(name: str, what: str) -> None:

@@ -53,7 +53,8 @@ VIT_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
+def as_triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
+    """One positive int or three -> a 3-tuple; ConfigError naming the setting otherwise."""
     values = (int(value),) * 3 if isinstance(value, (int, float)) else tuple(int(v) for v in value)
     if len(values) != 3 or min(values) < 1:
         raise ConfigError(f"{name} must be one positive int or three, got {value!r}.")
@@ -295,9 +296,9 @@ class ViTEncoder(nn.Module):
             raise ConfigError(f"unknown position_embedding {position_embedding!r}; use one of "
                               f"{', '.join(POSITION_EMBEDDINGS)}.")
         self.in_channels, self.hidden_size, self.depth = in_channels, hidden_size, depth
-        self.patch_size = _triple(patch_size, "patch_size")
-        self.input_size = _triple(input_size, "input_size")
-        self.window_size = _triple(window_size, "window_size")
+        self.patch_size = as_triple(patch_size, "patch_size")
+        self.input_size = as_triple(input_size, "input_size")
+        self.window_size = as_triple(window_size, "window_size")
         self.groupings = block_groupings(layout, depth, global_every)
         self.layout = layout if isinstance(layout, str) else "custom"
         if "window" in self.groupings and "slice" in self.groupings:

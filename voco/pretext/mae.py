@@ -53,7 +53,7 @@ from einops import rearrange
 from torch import nn
 
 from voco.errors import ConfigError
-from voco.networks.vit import Block, sincos_position_embedding
+from voco.networks.vit import Block, as_triple, sincos_position_embedding
 from voco.pretext.views import as_generator, new_figure, regions, save_figure
 
 VARIANTS = ("auto", "mae", "simmim")
@@ -61,13 +61,6 @@ MASK_TYPES = ("random", "block")
 MASK_VALUES = ("zero", "learned")
 NORMALIZE_EPS = 1e-6  # MAE's norm_pix_loss: (x - mean) / (var + 1e-6) ** 0.5
 MIN_MSE = 1e-10  # the PSNR of a perfect prediction: 10 log10(1 / 1e-10) = 100 dB for data_range 1
-
-
-def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
-    values = (int(value),) * 3 if isinstance(value, (int, float)) else tuple(int(v) for v in value)
-    if len(values) != 3 or min(values) < 1:
-        raise ConfigError(f"{name} must be one positive int or three, got {value!r}.")
-    return values  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,7 +72,7 @@ def patchify(images: torch.Tensor, patch_size: int | Sequence[int]) -> torch.Ten
     Patches are in the ViT's token order (raster over the grid ``(X/p1, Y/p2, Z/p3)``, last axis fastest);
     the values of one patch are ordered (p1, p2, p3, C), as MAE's ``patchify`` does in 2-D.
     """
-    p1, p2, p3 = _triple(patch_size, "patch_size")
+    p1, p2, p3 = as_triple(patch_size, "patch_size")
     if images.ndim != 5 or any(s % p for s, p in zip(images.shape[2:], (p1, p2, p3))):
         raise ConfigError(f"images {tuple(images.shape)} cannot be cut into patches of {(p1, p2, p3)}; give "
                           "[B, C, X, Y, Z] with sizes divisible by the patch.")
@@ -89,7 +82,7 @@ def patchify(images: torch.Tensor, patch_size: int | Sequence[int]) -> torch.Ten
 def unpatchify(patches: torch.Tensor, grid: Sequence[int], patch_size: int | Sequence[int],
                channels: int = 1) -> torch.Tensor:
     """The inverse of `patchify` (a 3-D pixel shuffle): ``[B, L, p1 p2 p3 C]`` -> ``[B, C, X, Y, Z]``."""
-    p1, p2, p3 = _triple(patch_size, "patch_size")
+    p1, p2, p3 = as_triple(patch_size, "patch_size")
     d, h, w = (int(n) for n in grid)
     return rearrange(patches, "b (d h w) (p1 p2 p3 c) -> b c (d p1) (h p2) (w p3)", d=d, h=h, w=w, p1=p1, p2=p2,
                      p3=p3, c=channels)
@@ -97,7 +90,7 @@ def unpatchify(patches: torch.Tensor, grid: Sequence[int], patch_size: int | Seq
 
 def mask_volume(mask: torch.Tensor, grid: Sequence[int], patch_size: int | Sequence[int]) -> torch.Tensor:
     """A patch mask ``[B, L]`` as a voxel mask ``[B, 1, X, Y, Z]`` (every voxel of a masked patch is True)."""
-    p1, p2, p3 = _triple(patch_size, "patch_size")
+    p1, p2, p3 = as_triple(patch_size, "patch_size")
     volume = mask.view(mask.shape[0], 1, *grid)
     return volume.repeat_interleave(p1, 2).repeat_interleave(p2, 3).repeat_interleave(p3, 4)
 
@@ -149,7 +142,7 @@ def block_mask(batch_size: int, grid: Sequence[int], mask_ratio: float, block_si
 
     Returns ``[B, d h w]`` bools, and with ``return_blocks`` also each patch's cube index ``[B, d h w]``.
     """
-    block = _triple(block_size, "mask_block_size")
+    block = as_triple(block_size, "mask_block_size")
     num_patches = math.prod(grid)
     count = masked_count(num_patches, mask_ratio)
     offsets = torch.stack([torch.randint(0, b, (batch_size,), generator=generator) for b in block], dim=1)
@@ -237,7 +230,7 @@ class MaskedImagePretext(nn.Module):
             raise ConfigError(f"unmasked_weight is {unmasked_weight}; use 0 (masked voxels only) or more.")
         self.backbone = backbone
         self.mask_ratio, self.mask_type = float(mask_ratio), mask_type
-        self.mask_block_size = _triple(mask_block_size, "mask_block_size")
+        self.mask_block_size = as_triple(mask_block_size, "mask_block_size")
         self.normalize_targets, self.unmasked_weight = bool(normalize_targets), float(unmasked_weight)
         self.psnr_data_range = float(psnr_data_range)
         self.generator = as_generator(generator)
