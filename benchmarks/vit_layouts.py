@@ -6,6 +6,7 @@ attention-score tensors one block materialises without a fused kernel (batch x h
 T^2 x 4 bytes, the memory flash attention avoids); on a GPU the measured peak memory of the step is reported too.
 
     PYTHONPATH=. .venv/bin/python benchmarks/vit_layouts.py --size B --input 96 --patch 16 --window 3 --batch 2
+    PYTHONPATH=. .venv/bin/python benchmarks/vit_layouts.py --size B --input 192 192 96 --patch 16 --window 3 --batch 1
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def attention_score_bytes(encoder, batch: int, grid: tuple[int, int, int]) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="B")
-    parser.add_argument("--input", type=int, default=96)
+    parser.add_argument("--input", type=int, nargs="+", default=[96], help="input size: one side or three")
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--window", type=int, default=3, help="window side in tokens")
     parser.add_argument("--batch", type=int, default=2)
@@ -45,7 +46,7 @@ def main() -> None:
         torch.set_num_threads(arguments.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    size = (arguments.input,) * 3
+    size = tuple(arguments.input) * 3 if len(arguments.input) == 1 else tuple(arguments.input)
     encoders = {layout: build_backbone("vit", arguments.size, input_size=size, patch_size=arguments.patch,
                                        layout=layout, window_size=arguments.window).to(device)
                 for layout in ("global", "window")}
