@@ -35,13 +35,10 @@ def run_bundle_command(bundle: str, config_files: list[str], cwd: Path, *overrid
                        env: dict | None = None):
     """`python -m monai.bundle run` of bundles/<bundle> with these config files, as a user types it; asserts exit 0."""
     import subprocess
-    import sys
 
-    folder = REPO_ROOT / "bundles" / bundle
-    configs = "[" + ",".join(f"'{folder}/configs/{name}'" for name in config_files) + "]"
-    command = (launcher or [sys.executable]) + ["-m", "monai.bundle", "run", "--config_file", configs,
-                                                "--bundle_root", str(folder), "--logging_file",
-                                                str(folder / "configs" / "logging.conf"), *overrides]
+    command = bundle_command(bundle, config_files, *overrides)
+    if launcher:  # e.g. torchrun in place of the interpreter
+        command = list(launcher) + command[1:]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -72,3 +69,14 @@ def assert_png_artifacts(client, run, folder: Path, expected: list[str]) -> None
     for name in expected:
         local = Path(client.download_artifacts(run.info.run_id, name, str(folder)))
         assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def bundle_command(bundle: str, config_files: list[str], *overrides: str) -> list[str]:
+    """The `python -m monai.bundle run` command line of bundles/<bundle> with these config files and overrides (for
+    tests that start it with Popen, to signal or kill it while it runs)."""
+    import sys
+
+    folder = REPO_ROOT / "bundles" / bundle
+    configs = "[" + ",".join(f"'{folder}/configs/{name}'" for name in config_files) + "]"
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(folder),
+            "--logging_file", str(folder / "configs" / "logging.conf"), *overrides]

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
+from monai.data.utils import set_rnd
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointSaver
 
@@ -125,20 +126,22 @@ def random_transform_generators(root: Any) -> list[np.random.RandomState]:
     return list(found.values())
 
 
-class _RestOfEpoch(torch.utils.data.Sampler):
-    """A batch sampler's index sampler for the rest of an interrupted epoch: the same order without the first
-    `skip` indices (the batches trained on before the stop), so they are never loaded. One epoch only: iterating
-    it puts the original sampler back."""
+class _EpochOrder(torch.utils.data.Sampler):
+    """Stands in for a batch sampler's index sampler: the same indices, with two differences that make the data
+    order resumable. An epoch draws its order from the loader's generator once: torch's `RandomSampler` draws
+    another permutation when its exhausted iterator is advanced, which ignite does at the next epoch's start and a
+    resumed run would not. And the first epoch after a resume leaves out its first `skip` indices (the batches
+    trained on before the stop), so they are never loaded."""
 
-    def __init__(self, batch_sampler: torch.utils.data.BatchSampler, skip: int) -> None:
-        self.batch_sampler, self.sampler, self.skip = batch_sampler, batch_sampler.sampler, skip
+    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
+        self.sampler, self.skip = sampler, 0
 
     def __len__(self) -> int:
-        return len(self.sampler)  # the whole epoch's length, as ignite counts the epoch from the saved iteration
+        return len(self.sampler)  # the whole epoch: ignite counts the resumed epoch from the saved iteration
 
     def __iter__(self) -> Iterator:
-        self.batch_sampler.sampler = self.sampler
-        return itertools.islice(iter(self.sampler), self.skip, None)
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.sampler), skip, len(self.sampler))
 
 
 class RandomState:
@@ -153,7 +156,8 @@ class RandomState:
 
     Resume inside an epoch: ignite restarts the data iterator at the epoch's first batch while counting iterations
     from the saved one; so the loader's generator is set back to its state at the start of the interrupted epoch
-    (the same shuffle) and the batches already trained on are dropped from the sampler without being loaded.
+    (the same shuffle) and the batches already trained on are dropped from the sampler without being loaded (the
+    loader's batch sampler gets an `_EpochOrder` in front of its index sampler for this).
     Why our own: ignite's `DeterministicEngine` reseeds every epoch and rebuilds the DataLoader, and neither ignite
     nor MONAI saves random states in checkpoints.
     """
@@ -163,10 +167,20 @@ class RandomState:
         self.engine: Engine | None = None
         self._epoch_start_generator: torch.Tensor | None = None
         self._resumed = False
+        self._order: _EpochOrder | None = None
 
     def attach(self, engine: Engine) -> None:
+        """Follow the epochs of the engine that trains on `data_loader` (and take over its order, see above)."""
         self.engine = engine
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        batch_sampler = getattr(self.data_loader, "batch_sampler", None)
+        if isinstance(batch_sampler, torch.utils.data.BatchSampler):
+            if not isinstance(batch_sampler.sampler, _EpochOrder):
+                batch_sampler.sampler = _EpochOrder(batch_sampler.sampler)
+            self._order = batch_sampler.sampler
+        else:
+            logger.warning("the training loader has no batch sampler: a run resumed inside an epoch starts that "
+                           "epoch again from its first batch")
 
     def _loader_generator(self) -> torch.Generator | None:
         return getattr(self.data_loader, "generator", None)
@@ -240,14 +254,8 @@ class RandomState:
         self._epoch_start_generator = None if generator is None else generator.get_state()
 
     def _skip_batches(self, count: int) -> None:
-        batch_sampler = getattr(self.data_loader, "batch_sampler", None)
-        if count == 0:
-            return
-        if not isinstance(batch_sampler, torch.utils.data.BatchSampler):
-            logger.warning("the training loader has no batch sampler: the rest of the interrupted epoch starts "
-                           "again from its first batch")
-            return
-        batch_sampler.sampler = _RestOfEpoch(batch_sampler, count * batch_sampler.batch_size)
+        if self._order is not None:
+            self._order.skip = count * self.data_loader.batch_sampler.batch_size
 
 
 @contextlib.contextmanager
@@ -385,8 +393,8 @@ class PretextTrainer(Trainer):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad_anywhere, signal_number = flags.tolist()
         if signal_number and state.stop_reason is None and state.iteration < self.max_steps:
+            # GracefulStop (which set stop_requested) writes the checkpoint and ends the run after this step
             state.stop_reason, state.exit_code = signal.Signals(int(signal_number)).name, 128 + int(signal_number)
-            engine.terminate()
         return not bad_anywhere
 
     def _count_bad_step(self, engine: Engine, loss: torch.Tensor, norm: torch.Tensor) -> None:
@@ -394,7 +402,7 @@ class PretextTrainer(Trainer):
         state.skipped_steps += 1
         state.bad_steps_in_a_row += 1
         if _rank() == 0:
-            print(f"step {state.iteration}: the loss ({float(loss):.4g}) or the gradient norm ({float(norm):.4g}) is "
+            print(f"step {state.iteration}: the loss ({float(loss.detach()):.4g}) or the gradient norm ({float(norm):.4g}) is "
                   f"not finite; the optimizer step is skipped ({state.bad_steps_in_a_row} in a row, "
                   f"{state.skipped_steps} in all).", flush=True)
         if state.bad_steps_in_a_row >= self.max_bad_steps and state.stop_reason is None:
@@ -469,9 +477,10 @@ class PretextValidation:
 
     No labels are needed: the pretext's own metrics (e.g. VoCo's position accuracy) measure it. Results are
     printed, stored in ``engine.state.metrics`` as ``val/<name>`` and logged to MLflow at the iteration.
-    Every validation sees the same random regions and views (so values compare across steps and resumes) and
-    leaves the training's random generators where they were.
-    Under torchrun every rank validates the same volumes (in step, as DistributedDataParallel needs); rank 0 logs.
+    Every validation sees the same random regions and views (so values compare across steps, resumes and ranks)
+    and leaves the training's random generators where they were.
+    Under torchrun every rank validates the same volumes (in step, as DistributedDataParallel needs); rank 0 prints
+    and logs.
     """
 
     def __init__(self, data_loader: Iterable, interval: int = 100, max_batches: int | None = None,
@@ -492,7 +501,9 @@ class PretextValidation:
         sums: dict[str, float] = {}
         batches = 0
         with unchanged_random_state(pretext, self.data_loader):
+            # the same seed on every rank (training seeds seed + rank): all ranks cut the same regions and views
             torch.manual_seed(self.seed)
+            set_rnd(getattr(self.data_loader, "dataset", None), self.seed)
             pretext.eval()
             try:
                 for index, batch in enumerate(self.data_loader):
@@ -507,13 +518,15 @@ class PretextValidation:
             finally:
                 pretext.train()
         if batches == 0:
-            print(f"validation at step {engine.state.iteration}: no complete batch of held-out volumes; add "
-                  f"volumes or raise validation_fraction.", flush=True)
+            if _rank() == 0:
+                print(f"validation at step {engine.state.iteration}: no complete batch of held-out volumes; add "
+                      f"volumes or raise validation_fraction.", flush=True)
             return {}
         metrics = {f"val/{key}": value / batches for key, value in sums.items() if key.startswith(("loss", "metric/"))}
         engine.state.metrics.update(metrics)
-        print(f"validation at step {engine.state.iteration}: " +
-              "  ".join(f"{key} {value:.4g}" for key, value in metrics.items()), flush=True)
+        if _rank() == 0:
+            print(f"validation at step {engine.state.iteration}: " +
+                  "  ".join(f"{key} {value:.4g}" for key, value in metrics.items()), flush=True)
         RunLogger(engine).log_metrics(metrics, step=engine.state.iteration)
         return metrics
 
@@ -594,7 +607,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
             return
         self._adopted_earlier = True
         prefix = f"{checkpoint.filename_prefix}_" if checkpoint.filename_prefix else ""
-        pattern = re.compile(rf"{re.escape(prefix)}checkpoint_{checkpoint.score_name}=(\d+)\.pt")
+        name = next(iter(checkpoint.to_save)) if len(checkpoint.to_save) == 1 else "checkpoint"  # as ignite names
+        pattern = re.compile(rf"{re.escape(prefix + name)}_{checkpoint.score_name}=(\d+)\.pt")
         current = engine.state.epoch if self.epoch_level else engine.state.iteration
         earlier = sorted((int(match.group(1)), path.name) for path in Path(self.save_dir).glob("*.pt")
                          if (match := pattern.fullmatch(path.name)) and int(match.group(1)) < current)
@@ -625,10 +639,20 @@ def latest_checkpoint(directory: str | Path) -> str | None:
 
     Each candidate, newest first, is read in full with `read_checkpoint` (weights only): a file can look complete
     and still be damaged. A damaged newer file is passed over for the previous one, with a message naming both.
+    Under torchrun rank 0 reads and tells the other ranks, so all load the same file.
 
     Raises:
         CheckpointError: the folder holds checkpoints and none of them can be read.
     """
+    found, problem = _newest_readable_checkpoint(directory) if _rank() == 0 else (None, None)
+    found, problem = broadcast_object((found, problem))
+    if problem is not None:
+        raise CheckpointError(problem)
+    return found
+
+
+def _newest_readable_checkpoint(directory: str | Path) -> tuple[str | None, str | None]:
+    """(the path to resume from or None, or the error message where no checkpoint of the folder reads)."""
     from voco.checkpoints import ranked_checkpoints, read_checkpoint
 
     damaged: list[tuple[Path, CheckpointError]] = []
@@ -638,16 +662,14 @@ def latest_checkpoint(directory: str | Path) -> str | None:
         except CheckpointError as error:
             damaged.append((path, error))
             continue
-        if _rank() == 0:
-            for bad, error in damaged:
-                reason = str(error.__cause__ or error).strip().splitlines()[0]
-                print(f"checkpoint {bad} cannot be read ({reason}); resuming from the previous one, {path}.",
-                      flush=True)
-        return str(path)
+        for bad, error in damaged:
+            reason = str(error.__cause__ or error).strip().splitlines()[0]
+            print(f"checkpoint {bad} cannot be read ({reason}); resuming from the previous one, {path}.", flush=True)
+        return str(path), None
     if damaged:
-        raise CheckpointError(f"none of the {len(damaged)} checkpoints in {directory} can be read (the newest: "
-                              f"{damaged[0][1]}); move them away to start over, or run with --resume False.")
-    return None
+        return None, (f"none of the {len(damaged)} checkpoints in {directory} can be read (the newest: "
+                      f"{damaged[0][1]}); move them away to start over, or run with --resume False.")
+    return None, None
 
 
 class GracefulStop:
@@ -686,6 +708,7 @@ class GracefulStop:
         engine.add_event_handler(Events.COMPLETED, self._restore_handlers)
 
     def _started(self, engine: Engine) -> None:
+        self._first = None
         RunLogger(engine).mark_running()  # a resumed run continues the MLflow run that a stop closed
         if threading.current_thread() is not threading.main_thread():
             logger.warning("training runs outside the main thread: SIGTERM/SIGINT end it without a checkpoint")
@@ -708,7 +731,7 @@ class GracefulStop:
             os.write(2, f"\nreceived {name}: stopping after this step with a checkpoint; send it again to stop "
                         f"at once.\n".encode())
         elif signum != self._first[0] or now - self._first[1] > self.repeat_window_s:
-            os.write(2, f"\nreceived {name} again: stopping at once, without a checkpoint.\n".encode())
+            os.write(2, f"\nreceived {name} while stopping: stopping at once, without a checkpoint.\n".encode())
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 

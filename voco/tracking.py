@@ -84,6 +84,18 @@ class RunLogger:
             for key, value in tags.items():
                 self.handler.client.set_tag(self.run_id, key, str(value))
 
+    def end(self, status: str) -> None:
+        """Close the run with this MLflow status ("KILLED", "FAILED") through MONAI's handler. MONAI's handler
+        continues a run of the same name that is not FINISHED, so the resumed job logs into this run again."""
+        if self.active:
+            self.handler.run_finish_status = status
+            self.handler.close()
+
+    def mark_running(self) -> None:
+        """Set a run that a stopped job closed (KILLED, FAILED) and a resumed job continues back to RUNNING."""
+        if self.active and self.handler.cur_run.info.status != "RUNNING":
+            self.handler.client.update_run(self.run_id, status="RUNNING")
+
 
 def read_run_metrics(tracking_uri: str, experiment_name: str, run_name: str | None = None) -> list[dict]:
     """Runs of an experiment as dicts {run_id, run_name, status, metrics (latest values), params, tags}."""
