@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from voco.errors import ConfigError
 from voco.geometry import VOCO_TINY_LAYOUT, CropLayout, position_labels
 from voco.networks import build_backbone
 from voco.pretext.voco import (CropAugmentation, VoCoPretext, make_crops, position_loss, position_loss_v1,
-                               regularization_loss, save_views_picture, similarity)
+                               regularization_loss, save_views_picture, similarity, voco_losses)
 
 # A 2 x 2 grid of 32 x 32 x 64 crops: the smallest layout the Swin encoder can train on (its deepest map
 # must have more than one voxel); 2 regions give 2 x (4 + 2) = 12 crops per step.
@@ -244,3 +245,81 @@ def test_views_and_their_picture(tmp_path):
     path = save_views_picture(views, tmp_path / "views" / "voco.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert sorted(p.name for p in path.parent.iterdir()) == ["voco.png"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The inter-volume term over DDP ranks
+# --------------------------------------------------------------------------------------------------
+def _projections(batch_size: int = 4, num_base: int = 9, num_random: int = 2, width: int = 8):
+    """Student and teacher projections ``[B, K + S, P]`` (float64) and the position labels of real crops."""
+    generator = torch.Generator().manual_seed(2)
+    student = torch.randn(batch_size, num_base + num_random, width, generator=generator, dtype=torch.float64)
+    teacher = student + 0.3 * torch.randn(student.shape, generator=generator, dtype=torch.float64)
+    regions = smooth_phantoms(batch_size, VOCO_TINY_LAYOUT.region_size)
+    labels = make_crops(regions, VOCO_TINY_LAYOUT, num_random, generator=generator).labels.double()
+    assert labels.shape == (batch_size, num_random, num_base)
+    return student, teacher, labels
+
+
+def _inter_volume_worker(rank: int, world_size: int, port: int, results) -> None:
+    """One of two gloo processes holding half of the batch's projections."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        student, teacher, labels = _projections()
+        rows = slice(rank * 2, rank * 2 + 2)
+        values = []
+        for inter_volume in ("global", "batch"):
+            local = student[rows].clone().requires_grad_(True)
+            parts, _ = voco_losses(local, teacher[rows], labels[rows], 9, inter_volume=inter_volume)
+            sum(parts.values()).backward()
+            values += [parts["inter"].detach(), sum(parts.values()).detach(), local.grad]
+        # numpy: tensors would be shared through files that vanish with this process
+        results.put((rank, [value.numpy() for value in values]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_inter_volume_term_over_two_processes_equals_the_single_process_one():
+    """Two gloo ranks with two volumes each: with inter_volume="global" the mean of the ranks' losses is the
+    whole batch's loss, and each rank's gradient, averaged over ranks as DDP does, is the whole batch's gradient.
+    With "batch" (the reference) each rank pairs its own volumes only, so its inter term differs."""
+    import torch.multiprocessing as mp
+
+    student, teacher, labels = _projections()
+    whole = student.clone().requires_grad_(True)
+    parts, _ = voco_losses(whole, teacher, labels, 9)
+    loss = sum(parts.values())
+    loss.backward()
+    single_process_global, _ = voco_losses(student, teacher, labels, 9, inter_volume="global")
+    assert torch.equal(single_process_global["inter"], parts["inter"])  # not distributed: the same pairing
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    processes = [context.Process(target=_inter_volume_worker, args=(rank, 2, port, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    by_rank = {}
+    for _ in range(2):
+        rank, values = results.get()
+        by_rank[rank] = [torch.from_numpy(value) for value in values]
+    for process in processes:
+        process.join(timeout=60)
+    assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
+
+    global_inter, global_loss, global_gradient = zip(by_rank[0][:3], by_rank[1][:3])  # (rank 0, rank 1) each
+    torch.testing.assert_close((global_inter[0] + global_inter[1]) / 2, parts["inter"].detach())
+    torch.testing.assert_close((global_loss[0] + global_loss[1]) / 2, loss.detach())
+    torch.testing.assert_close(torch.cat(global_gradient) / 2, whole.grad)
+    batch_inter, _, batch_gradient = zip(by_rank[0][3:], by_rank[1][3:])
+    assert abs(float((batch_inter[0] + batch_inter[1]) / 2 - parts["inter"].detach())) > 1e-3
+    assert not torch.allclose(torch.cat(batch_gradient) / 2, whole.grad)
+
+
+def test_unknown_inter_volume_mode_is_refused():
+    with pytest.raises(ConfigError, match="inter_volume"):
+        tiny_pretext(inter_volume="world")

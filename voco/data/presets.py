@@ -5,13 +5,16 @@ intensities scaled to about [0, 1] (CT) or z-scored (MRI), cropped to the body a
 size. Everything a preset does is deterministic, so its output is what the region pipeline caches.
 This module is only the registry (cheap to import); `voco.data.regions.preset_transforms` builds the transforms.
 
-    preset        spacing (mm)        intensity                         reference group (specs/voco.md §1)
-    ct_abdomen    1.5 x 1.5 x 1.5     HU [-175, 250] -> [0, 1]          V2 abdomen
-    ct_chest      1.25 x 1.25 x 5     HU [-1000, 500] -> [0, 1]         V2 chest
-    ct_resize     none: whole         HU [-175, 250] -> [0, 1]          V2 head/neck and others (V1 for all)
+    preset        spacing (mm)        intensity                    cached as   reference group (specs/voco.md §1)
+    ct_abdomen    1.5 x 1.5 x 1.5     HU [-175, 250] -> [0, 1]     uint16      V2 abdomen
+    ct_chest      1.25 x 1.25 x 5     HU [-1000, 500] -> [0, 1]    uint16      V2 chest
+    ct_resize     none: whole         HU [-175, 250] -> [0, 1]     uint16      V2 head/neck and others (V1 for all)
                   foreground resized
                   to the region size
-    mr_zscore     1.5 x 1.5 x 1.5     z-score over the foreground       (no HU window for MRI)
+    mr_zscore     1.5 x 1.5 x 1.5     z-score over the foreground  float16     (no HU window for MRI)
+
+"cached as" is the compact dtype of the disk and memory caches (`cache_dtype="auto"`, see
+`voco.data.regions.CompactIntensityd` for the error bounds).
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ class Preset:
     intensity: str  # "window": clip a HU window to [0, 1]; "zscore": normalise over the foreground
     window: tuple[float, float] | None = None
     foreground_threshold: float = 0.0  # after intensity scaling (window) or on raw values (zscore)
+
+    @property
+    def cache_dtype(self) -> str:
+        """The compact dtype its output is cached in: windowed intensities lie in [0, 1] by construction (uint16
+        steps of 1/65535); z-scores are unbounded (float16)."""
+        return "uint16" if self.intensity == "window" else "float16"
 
 
 PRESETS: dict[str, Preset] = {

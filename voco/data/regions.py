@@ -7,6 +7,11 @@ Bad volumes (missing, unreadable, not 3-D, empty, NaN) are skipped and counted u
 the item of the next good volume is returned instead, and its ``skipped_volumes`` says how many bad ones were
 passed over, so the count survives DataLoader workers and collation. ``bad_volumes="stop"`` raises a VolumeError
 that names the file and the manifest entry.
+
+The caches ("disk", "memory") hold the preset's output in a compact dtype (`cache_dtype="auto"`): windowed CT as
+uint16 steps of 1/65535 (error at most 7.6e-6 of the [0, 1] range), z-scored MRI as float16 (relative error at
+most 2^-11), optionally zlib-compressed (or, asked for, windowed CT as uint8: lossy, a quarter of float32); the
+random-region step crops the compact volume and only then converts the region to float32. See `CompactIntensityd` and benchmarks/README.md for the measured footprint and read cost.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
 from monai.data.utils import json_hashing
 
 from voco.data.manifest import load_manifest, to_datalist
@@ -31,6 +37,14 @@ logger = logging.getLogger(__name__)
 
 BAD_VOLUME_POLICIES = ("skip", "stop")
 CACHE_MODES = ("disk", "memory", "none")
+# auto: the preset's compact dtype (`Preset.cache_dtype`); uint8: windowed presets only, lossy (see CompactIntensityd)
+CACHE_DTYPES = ("auto", "float32", "uint8")
+CACHE_COMPRESSIONS = ("none", "zlib")
+# Part of the disk-cache key: bump it whenever what a cache file holds changes, so old folders are never read.
+CACHE_FORMAT = 2
+# A [0, 1] intensity x is stored as round(x * steps) in an unsigned integer.
+UNIT_STEPS = {"uint16": 65535, "uint8": 255}
+FLOAT16_MAX = 65504.0
 # Keys every region item carries, whatever extra facts the manifest entries hold (so batches always collate).
 REGION_KEYS = ("image",)
 
@@ -99,9 +113,132 @@ def preset_transforms(preset: str | Preset, region_size: Sequence[int], keys: Se
     return steps
 
 
-def region_transforms(region_size: Sequence[int], keys: Sequence[str] = ("image",)) -> list[mt.Transform]:
-    """The random part: one region of exactly `region_size` per volume, taken after the cached preset."""
-    return [mt.RandSpatialCropd(keys=list(keys), roi_size=as_region_size(region_size), random_size=False)]
+class CompactIntensityd(mt.MapTransform):
+    """Store float32 intensities compactly (the last step before a cache); `ExpandIntensityd` reads them back.
+
+    Every dtype gives a tensor that owns just its voxels: the preset's output can be a view into the whole volume
+    before the foreground crop, and torch.save (and a memory cache) would keep that whole storage.
+
+    - ``dtype="float32"``: the values unchanged (the reference's cache).
+    - ``dtype="uint16"`` for intensities in [0, 1] (windowed CT): ``round(x * 65535)``, computed in float64. What
+      comes back differs from x by at most 0.5 / 65535 = 7.6e-6 (0.003 HU of a 425 HU window; a bf16 input
+      already rounds by up to 2e-3) plus float32 rounding (2^-25). Values outside [0, 1] are clipped.
+    - ``dtype="float16"`` for anything else (z-scored MRI): relative error at most 2^-11 (half a float16 step;
+      below 2^-14 the absolute error is at most 2^-25); values beyond +-65504 are clipped.
+    - ``dtype="uint8"`` (only when asked for, [0, 1] intensities): ``round(x * 255)``, an error of up to
+      0.5 / 255 = 2e-3 (0.8 HU of a 425 HU window, 2.9 HU of a 1500 HU one): as coarse as bf16's own rounding
+      of values in [0.5, 1), so it is a visible change for float32 training. A quarter of float32, no codec.
+    - ``compress=True`` also zlib-compresses the values (level 1: the fastest) into a uint8 tensor, with the
+      shape under ``"<key>_shape"``; `UnpackCompactd` undoes it.
+
+    Ours: MONAI's CastToTyped truncates (an error of up to a whole step) and nothing in MONAI compresses.
+    """
+
+    def __init__(self, keys: Sequence[str], dtype: str, compress: bool = False) -> None:
+        super().__init__(keys)
+        if dtype not in ("uint16", "uint8", "float16", "float32"):
+            raise ConfigError(f"cache dtype {dtype!r}; use uint16 or uint8 (intensities in [0, 1]), float16 or "
+                              f"float32.")
+        self.dtype, self.compress = dtype, compress
+
+    def __call__(self, data: Mapping) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            image = torch.as_tensor(data[key])
+            if self.dtype in UNIT_STEPS:
+                steps = UNIT_STEPS[self.dtype]
+                compact = torch.round(image.double().clamp(0.0, 1.0) * steps).to(getattr(torch, self.dtype))
+            elif self.dtype == "float16":
+                compact = image.float().clamp(-FLOAT16_MAX, FLOAT16_MAX).half()
+            else:
+                compact = image.float().clone()
+            if self.compress:
+                packed = zlib.compress(compact.contiguous().numpy().tobytes(), 1)
+                data[f"{key}_shape"] = torch.tensor(compact.shape)
+                compact = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+            data[key] = compact
+        return data
+
+
+class UnpackCompactd(mt.MapTransform, mt.RandomizableTrait):
+    """Decompress what `CompactIntensityd(compress=True)` stored -> the compact tensor (uint16 or float16).
+
+    It is not random: the trait only marks where MONAI's caches stop, so that they hold the compressed bytes and
+    every read unpacks them (the caches store everything before the first random transform)."""
+
+    def __init__(self, keys: Sequence[str], dtype: str) -> None:
+        super().__init__(keys)
+        self.dtype = getattr(torch, dtype)
+
+    def __call__(self, data: Mapping) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            shape = [int(size) for size in data.pop(f"{key}_shape")]
+            values = bytearray(zlib.decompress(torch.as_tensor(data[key]).numpy()))
+            data[key] = torch.frombuffer(values, dtype=self.dtype).view(shape)
+        return data
+
+
+class ExpandIntensityd(mt.MapTransform):
+    """Compact intensities (`CompactIntensityd`) back to float32: uint16 (uint8) steps of 1/65535 (1/255) ->
+    [0, 1], float16 -> float32; float32 passes through. Placed after the random region: only the region is
+    converted."""
+
+    def __call__(self, data: Mapping) -> dict:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            image = data[key]
+            if image.dtype == torch.float32:
+                continue
+            # On the plain tensor (MONAI's metadata handling doubles the cost), in one pass: an integer tensor
+            # divided by an int is float32, correctly rounded (error at most 2^-25).
+            values = image.as_tensor() if isinstance(image, MetaTensor) else image
+            steps = UNIT_STEPS.get(str(image.dtype).removeprefix("torch."))
+            values = values / steps if steps is not None else values.to(torch.float32)
+            data[key] = MetaTensor(values, meta=image.meta) if isinstance(image, MetaTensor) else values
+        return data
+
+
+def stored_dtype(preset: str | Preset, cache_dtype: str = "auto") -> str:
+    """The dtype a cache holds for `preset`: its compact one (`Preset.cache_dtype`) for "auto", else the one asked."""
+    if cache_dtype not in CACHE_DTYPES:
+        raise ConfigError(f"cache_dtype={cache_dtype!r}; use one of {', '.join(CACHE_DTYPES)}.")
+    preset = get_preset(preset)
+    if cache_dtype == "uint8" and preset.intensity != "window":
+        raise ConfigError(f"cache_dtype='uint8' needs intensities in [0, 1], but preset {preset.name} z-scores them; "
+                          f"use cache_dtype='auto' (float16) for it.")
+    return preset.cache_dtype if cache_dtype == "auto" else cache_dtype
+
+
+def compact_transforms(dtype: str, compression: str = "none", keys: Sequence[str] = ("image",)
+                       ) -> list[mt.Transform]:
+    """What turns the preset's float32 output into what a cache stores (`CompactIntensityd`)."""
+    if compression not in CACHE_COMPRESSIONS:
+        raise ConfigError(f"cache_compression={compression!r}; use one of {', '.join(CACHE_COMPRESSIONS)}.")
+    if dtype == "float32" and compression != "none":
+        raise ConfigError("cache_compression applies to the compact cache only; use cache_dtype='auto' with it.")
+    return [CompactIntensityd(keys=list(keys), dtype=dtype, compress=compression == "zlib")]
+
+
+def region_transforms(region_size: Sequence[int], keys: Sequence[str] = ("image",), cache_dtype: str = "float32",
+                      compression: str = "none") -> list[mt.Transform]:
+    """The random part: one region of exactly `region_size` per volume, taken after the cached preset.
+
+    A compact cache (`cache_dtype` uint16, uint8 or float16, see `compact_transforms`) is unpacked if compressed,
+    cropped, and only the region is converted to float32."""
+    keys = list(keys)
+    unpack = [UnpackCompactd(keys=keys, dtype=cache_dtype)] if compression == "zlib" else []
+    expand = [ExpandIntensityd(keys=keys)] if cache_dtype != "float32" else []
+    return unpack + [mt.RandSpatialCropd(keys=keys, roi_size=as_region_size(region_size), random_size=False)] + expand
+
+
+def cache_folder_name(preset: str, region_size: Sequence[int], dtype: str, compression: str = "none") -> str:
+    """The disk-cache folder of one preset: readable prefix + a key of everything that changes what is stored
+    (format version, preset, region size, stored dtype, compression). The source file's identity (path, size,
+    modification time) is in each file's own key (MONAI hashes the datalist entry)."""
+    stored = dtype if compression == "none" else f"{dtype}.{compression}"
+    key = f"v{CACHE_FORMAT}:{preset}:{tuple(region_size)}:{stored}"
+    return f"{preset}-{stored}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
 def source_stamp(path: str) -> str:
@@ -212,15 +349,21 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
                          region_size: int | Sequence[int] = (192, 192, 64), preset: str | None = None,
                          cache: str = "none", cache_dir: str | os.PathLike | None = None,
                          bad_volumes: str = "skip", dataset_dir: str | None = None,
-                         num_cache_workers: int | None = None) -> SkipBadVolumes:
+                         num_cache_workers: int | None = None, cache_dtype: str = "auto",
+                         cache_compression: str = "none") -> SkipBadVolumes:
     """One dataset of random regions for a manifest (or datalist), whatever presets its entries name.
 
     Args:
         source: manifest path, loaded manifest or MONAI datalist (entries need ``image``; ``preset`` optional).
         region_size: size of the region each item delivers, in voxels (x, y, z).
         preset: use this preset for every entry instead of each entry's own.
-        cache: "disk" (PersistentDataset under `cache_dir`, keyed by preset, region size and file identity),
-            "memory" (CacheDataset) or "none".
+        cache: "disk" (PersistentDataset under `cache_dir`, keyed by preset, region size, stored dtype and file
+            identity), "memory" (CacheDataset) or "none".
+        cache_dtype: what the caches store: "auto" (the preset's compact dtype: uint16 for windowed CT, float16
+            for z-scored MRI; half of float32), "float32" (the reference's) or "uint8" (windowed presets only: a
+            quarter of float32, error up to 2e-3; see `CompactIntensityd`). Regions are float32 in every case.
+        cache_compression: "none" or "zlib" (the compact cache only: smaller again, but every read decompresses the
+            whole volume; measured in benchmarks/README.md).
         bad_volumes: "skip" (count and go on) or "stop" (raise a VolumeError naming the file).
     """
     region_size = as_region_size(region_size)
@@ -228,6 +371,8 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
         raise ConfigError(f"cache={cache!r}; use one of {', '.join(CACHE_MODES)}.")
     if cache == "disk" and cache_dir is None:
         raise ConfigError("cache='disk' needs a cache_dir; give a folder for the preprocessed volumes.")
+    # Refuse a bad cache setting before any work.
+    compact_transforms(stored_dtype(preset or "ct_abdomen", cache_dtype), cache_compression)
     datalist = resolve_datalist(source, dataset_dir)
     if not datalist:
         raise ConfigError("the manifest has no scans to train on; add scans or check the dataset filter.")
@@ -238,10 +383,14 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
     parts, ordered = [], []
     for preset_name in dict.fromkeys(entry["preset"] for entry in datalist):
         entries = [entry for entry in datalist if entry["preset"] == preset_name]
-        transform = mt.Compose(preset_transforms(preset_name, region_size) + region_transforms(region_size))
+        # Without a cache nothing is stored: the preset's float32 goes straight to the region.
+        dtype = stored_dtype(preset_name, cache_dtype) if cache != "none" else "float32"
+        compression = cache_compression if dtype != "float32" else "none"
+        stored = compact_transforms(dtype, compression) if cache != "none" else []
+        transform = mt.Compose(preset_transforms(preset_name, region_size) + stored
+                               + region_transforms(region_size, cache_dtype=dtype, compression=compression))
         if cache == "disk":
-            key = hashlib.sha1(f"{preset_name}:{region_size}".encode()).hexdigest()[:10]
-            folder = Path(cache_dir) / f"{preset_name}-{key}"
+            folder = Path(cache_dir) / cache_folder_name(preset_name, region_size, dtype, compression)
             folder.mkdir(parents=True, exist_ok=True)
             part = PersistentDataset(entries, transform, cache_dir=folder, hash_transform=json_hashing)
         elif cache == "memory":

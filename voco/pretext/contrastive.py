@@ -56,7 +56,8 @@ from torch import nn
 from voco.errors import ConfigError
 from voco.geometry import resample_boxes
 from voco.networks.teacher import EMATeacher
-from voco.pretext.views import as_generator, flip_rotate, intensity_jitter, new_figure, regions, save_figure
+from voco.pretext.views import (as_generator, flip_rotate, gather_with_gradient, intensity_jitter, is_distributed,
+                                new_figure, regions, save_figure)
 
 LOSS_FORMS = ("cosine", "infonce")
 VIEW_NAMES = ("global", "augmented", "masked")
@@ -179,39 +180,6 @@ def make_views(images: torch.Tensor, num_views: int, input_size: Sequence[int],
 # --------------------------------------------------------------------------------------------------
 # Pairs and losses
 # --------------------------------------------------------------------------------------------------
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-class _GatherWithGradient(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient of the gathered rows and keeps this rank's rows.
-
-    Ours (the pattern of lightly's GatherLayer) because ``torch.distributed.nn.functional.all_gather`` is
-    deprecated and its replacement lives in a private module."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, x.contiguous())
-        return torch.cat(gathered, dim=0)
-
-    @staticmethod
-    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
-        gradient = gradient.contiguous()
-        dist.all_reduce(gradient)  # every rank's loss depends on every rank's rows
-        rows = gradient.shape[0] // dist.get_world_size()
-        return gradient[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
-
-
-def gather_with_gradient(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x [n, ...]`` concatenated in rank order ``[world_size * n, ...]``, with the gradient of all
-    ranks' losses flowing back to each rank's own rows; the identity when not distributed. All ranks must pass
-    the same shape (``drop_last=True``)."""
-    if not is_distributed():
-        return x
-    return _GatherWithGradient.apply(x)
-
-
 @dataclass
 class ContrastivePairs:
     """Anchors (this rank's views) against candidates (every rank's views, or the teacher's embeddings of them).

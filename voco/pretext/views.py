@@ -1,5 +1,6 @@
 """Device-side pieces that several pretexts use to make their views: the batch's regions, flips and rot90 of a
-batch of crops, intensity jitter, and writing a picture of the views atomically."""
+batch of crops, intensity jitter, gathering rows of every rank with their gradient, and writing a picture of the
+views atomically."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 
 from voco.errors import ConfigError
 from voco.geometry import crop_boxes
@@ -39,6 +41,39 @@ def intensity_jitter(crops: torch.Tensor, scale_range: float = 0.1, shift_range:
     shift = (torch.rand(count, generator=generator) * 2 - 1) * shift_range
     view = (count,) + (1,) * (crops.ndim - 1)
     return crops * scale.to(crops).view(view) + shift.to(crops).view(view)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered rows and keeps this rank's rows.
+
+    Ours (the pattern of lightly's GatherLayer) because ``torch.distributed.nn.functional.all_gather`` is
+    deprecated and its replacement lives in a private module."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, x.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        gradient = gradient.contiguous()
+        dist.all_reduce(gradient)  # every rank's loss depends on every rank's rows
+        rows = gradient.shape[0] // dist.get_world_size()
+        return gradient[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
+def gather_with_gradient(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x [n, ...]`` concatenated in rank order ``[world_size * n, ...]``, with the gradient of all
+    ranks' losses flowing back to each rank's own rows; the identity when not distributed. All ranks must pass
+    the same shape (``drop_last=True``)."""
+    if not is_distributed():
+        return x
+    return _GatherWithGradient.apply(x)
 
 
 def as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:

@@ -19,7 +19,10 @@ One step, for a batch of B regions ``[B, 1, X, Y, Z]`` already on the device:
    - *intra*: the student's random crops against the teacher's base crops of the same volume must
      reproduce the position labels (`position_loss`);
    - *inter*: against the base crops of another volume (i + 1 mod B), the student's similarities must
-     match the teacher's;
+     match the teacher's. ``inter_volume="global"`` takes volume i + 1 of the *global* batch of all DDP ranks
+     (its base crops gathered, the student's with their gradient), so the loss of W ranks of b volumes is that
+     of one process with W b volumes, given the same projections (the projectors' batch norms still see each
+     rank's crops only); ``"batch"`` (the reference) pairs within each rank's batch;
    - *regularization*: the student's base crops of one volume must be dissimilar (`regularization_loss`).
    loss = intra + inter + regularization. ``loss_form="v1"`` uses the CVPR loss instead.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,9 +44,10 @@ from voco.geometry import (CROP_SAMPLING_MODES, CropLayout, crop_boxes, get_layo
                            sample_random_boxes)
 from voco.networks.heads import VoCoProjector
 from voco.networks.teacher import EMATeacher
-from voco.pretext.views import as_generator, new_figure, regions, save_figure
+from voco.pretext.views import as_generator, gather_with_gradient, is_distributed, new_figure, regions, save_figure
 
 LOSS_FORMS = ("v2", "v1")
+INTER_VOLUME_MODES = ("batch", "global")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +171,47 @@ def regularization_loss(bases: torch.Tensor) -> torch.Tensor:
     return F.relu(cosines[..., pairs]).pow(2).mean(dim=-1)
 
 
+def next_volume_bases(bases: torch.Tensor, inter_volume: str = "batch") -> torch.Tensor:
+    """The base crops ``[B, K, P]`` of the volume each volume meets in the inter-volume term: volume i + 1 (mod B)
+    of this process's batch (``"batch"``), or of the global batch of all ranks in rank order (``"global"``).
+
+    "global" gathers every rank's ``bases`` with `gather_with_gradient` (a student's gradient flows back to the
+    rank that owns the row; a teacher's bases carry none, so theirs is a plain gather). Outside
+    ``torch.distributed`` both are the same. All ranks must hold the same B (``drop_last=True``)."""
+    if inter_volume == "global" and is_distributed():
+        count = bases.shape[0]
+        every_rank = gather_with_gradient(bases)  # [world_size * B, K, P]
+        rows = (torch.arange(count, device=bases.device) + dist.get_rank() * count + 1) % every_rank.shape[0]
+        return every_rank[rows]
+    return bases.roll(-1, dims=0)
+
+
+def voco_losses(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, num_base: int,
+                loss_form: str = "v2", inter_volume: str = "batch") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """VoCo's loss parts of one batch from its projections -> (``{"intra", "inter", "regularization"}`` means over
+    the batch's volumes, the predictions ``[B, S, K]``).
+
+    Args:
+        student, teacher: ``[B, K + S, P]`` projections of the base crops, then the random crops (teacher: no grad).
+        labels: ``[B, S, K]`` position labels.
+        num_base: K.
+    """
+    student_bases, student_randoms = student[:, :num_base], student[:, num_base:]  # [B, K, P], [B, S, P]
+    teacher_bases, teacher_randoms = teacher[:, :num_base], teacher[:, num_base:]
+    if loss_form == "v2":
+        predictions = similarity(student_randoms, teacher_bases)  # [B, S, K]
+        intra = position_loss(labels, predictions)
+        # Volume i meets the base crops of volume i + 1; the teacher's similarities are the target.
+        inter = position_loss(similarity(teacher_randoms, next_volume_bases(teacher_bases, inter_volume)),
+                              similarity(student_randoms, next_volume_bases(student_bases, inter_volume)))
+    else:  # V1: symmetric prediction, squared negatives, no inter-volume term
+        predictions = 0.5 * (similarity(student_randoms, teacher_bases) + similarity(teacher_randoms, student_bases))
+        positive, negative = position_loss_v1(labels, predictions)
+        intra, inter = positive + negative, torch.zeros_like(positive)
+    regularization = regularization_loss(student_bases)
+    return {"intra": intra.mean(), "inter": inter.mean(), "regularization": regularization.mean()}, predictions
+
+
 # --------------------------------------------------------------------------------------------------
 # The pretext
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +235,9 @@ class VoCoPretext(nn.Module):
         loss_form: "v2" (intra + inter + regularization) or "v1" (CVPR: symmetric prediction, p^2 negatives,
             no inter-volume term; only the loss changes, the network stays V2's).
         intra_weight, inter_weight, regularization_weight: loss weights (1 : 1 : 1).
+        inter_volume: whose base crops volume i meets in the inter-volume term: "batch" (volume i + 1 of this
+            rank's batch, the reference) or "global" (of the global batch of all DDP ranks; see
+            `next_volume_bases`).
         generator: a CPU ``torch.Generator`` or an int seed for crops and augmentation (None: global RNG).
     """
 
@@ -197,18 +246,21 @@ class VoCoPretext(nn.Module):
                  projector_hidden_dim: int = 1024, projector_out_dim: int = 1024, student_dropout: float = 0.2,
                  teacher_momentum: float = 0.9, momentum_schedule: str = "fixed", total_steps: int | None = None,
                  loss_form: str = "v2", intra_weight: float = 1.0, inter_weight: float = 1.0,
-                 regularization_weight: float = 1.0, generator: torch.Generator | int | None = None) -> None:
+                 regularization_weight: float = 1.0, generator: torch.Generator | int | None = None,
+                 inter_volume: str = "batch") -> None:
         super().__init__()
         if crop_sampling not in CROP_SAMPLING_MODES:
             raise ConfigError(f"unknown crop_sampling {crop_sampling!r}; use one of {', '.join(CROP_SAMPLING_MODES)}.")
         if loss_form not in LOSS_FORMS:
             raise ConfigError(f"unknown loss_form {loss_form!r}; use one of {', '.join(LOSS_FORMS)}.")
+        if inter_volume not in INTER_VOLUME_MODES:
+            raise ConfigError(f"unknown inter_volume {inter_volume!r}; use one of {', '.join(INTER_VOLUME_MODES)}.")
         if random_crops_per_volume < 1:
             raise ConfigError(f"random_crops_per_volume is {random_crops_per_volume}; use 1 or more (reference: 2).")
         self.backbone = backbone
         self.layout = get_layout(layout)
         self.random_crops_per_volume = int(random_crops_per_volume)
-        self.crop_sampling, self.loss_form = crop_sampling, loss_form
+        self.crop_sampling, self.loss_form, self.inter_volume = crop_sampling, loss_form, inter_volume
         if isinstance(augmentation, Mapping):
             augmentation = CropAugmentation(**augmentation)
         self.augmentation = V2_AUGMENTATION if augmentation is True else (augmentation or None)
@@ -251,31 +303,15 @@ class VoCoPretext(nn.Module):
     def forward(self, batch: Mapping[str, Any] | torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"image": [B, C, X, Y, Z]}`` (or the tensor), B >= 2 -> scalar losses and metrics (tensors)."""
         images = regions(batch, "VoCo")
-        if images.shape[0] < 2:
+        ranks = dist.get_world_size() if self.inter_volume == "global" and is_distributed() else 1
+        if images.shape[0] * ranks < 2:
             raise ConfigError(f"VoCo needs at least 2 regions per batch for its inter-volume term, got "
                               f"{images.shape[0]}; set the batch size to 2 or more (and drop_last=True).")
         views = self.make_crops(images)
         student, teacher, momentum = self.project(views.crops)
-        num_base = self.layout.num_base_crops
-        student_bases, student_randoms = student[:, :num_base], student[:, num_base:]  # [B, K, P], [B, S, P]
-        teacher_bases, teacher_randoms = teacher[:, :num_base], teacher[:, num_base:]
         labels = views.labels.float()  # [B, S, K]
-
-        if self.loss_form == "v2":
-            predictions = similarity(student_randoms, teacher_bases)  # [B, S, K]
-            intra = position_loss(labels, predictions)
-            # Volume i meets the base crops of volume (i + 1) mod B; the teacher's similarities are the target.
-            other_teacher_bases, other_student_bases = teacher_bases.roll(-1, dims=0), student_bases.roll(-1, dims=0)
-            inter = position_loss(similarity(teacher_randoms, other_teacher_bases),
-                                  similarity(student_randoms, other_student_bases))
-        else:  # V1: symmetric prediction, squared negatives, no inter-volume term
-            predictions = 0.5 * (similarity(student_randoms, teacher_bases)
-                                 + similarity(teacher_randoms, student_bases))
-            positive, negative = position_loss_v1(labels, predictions)
-            intra, inter = positive + negative, torch.zeros_like(positive)
-        regularization = regularization_loss(student_bases)
-
-        parts = {"intra": intra.mean(), "inter": inter.mean(), "regularization": regularization.mean()}
+        parts, predictions = voco_losses(student, teacher, labels, self.layout.num_base_crops, self.loss_form,
+                                         self.inter_volume)
         loss = sum(self.loss_weights[name] * value for name, value in parts.items())
         predictions = predictions.detach()
         return {
