@@ -418,7 +418,7 @@ class PretextTrainer(Trainer):
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups: weight decay on weight matrices and kernels, none on biases, norms and learned
-    tokens (1-D parameters or names ending in ``_token``), as MAE and the slides' recipe do."""
+    tokens (1-D parameters, and parameters named ``*token`` or ``*mask_value``), as MAE and the slides' recipe do."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:

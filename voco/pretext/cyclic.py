@@ -91,12 +91,13 @@ class CyclicPretext(nn.Module):
             return self.validate(batch)
         name = self.current_task()
         output = self.tasks[name](batch)
+        prefixed = task_prefixed(name, output)
         self._latest[name] = {key: value.detach() if isinstance(value, torch.Tensor) else value
-                              for key, value in task_prefixed(name, output).items()}
+                              for key, value in prefixed.items()}
         merged: dict[str, Any] = {}
         for latest in self._latest.values():  # the most recent values of every task that has run
             merged.update(latest)
-        merged.update(task_prefixed(name, output))  # this step's, with the loss still attached to the graph
+        merged.update(prefixed)  # this step's, with the loss still attached to the graph
         merged["loss"] = output["loss"]
         merged["task"] = self.task_names.index(name)
         return merged
