@@ -80,3 +80,30 @@ def bundle_command(bundle: str, config_files: list[str], *overrides: str) -> lis
     configs = "[" + ",".join(f"'{folder}/configs/{name}'" for name in config_files) + "]"
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(folder),
             "--logging_file", str(folder / "configs" / "logging.conf"), *overrides]
+
+
+def write_volume(path: Path, array, spacing=(1.0, 1.0, 1.0)) -> str:
+    """A float32 NIfTI volume with this voxel size -> its path."""
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.diag([*spacing, 1.0])), str(path))
+    return str(path)
+
+
+def write_bad_volumes(folder: Path, seed: int = 0) -> list[str]:
+    """Five volumes a run must survive, in this order: missing, truncated (header fine, voxels cut), 2-D, one NaN
+    voxel, empty (a zero-length axis) -> their paths."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    truncated = folder / "truncated.nii.gz"
+    data = open(write_volume(truncated, rng.uniform(0, 1, (20, 20, 12))), "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    nan = rng.uniform(0, 1, (20, 20, 12))
+    nan[3, 3, 3] = np.nan
+    return [str(folder / "missing.nii.gz"), str(truncated),
+            write_volume(folder / "flat.nii.gz", rng.uniform(0, 1, (20, 20))),
+            write_volume(folder / "nan.nii.gz", nan),
+            write_volume(folder / "empty.nii.gz", np.zeros((20, 0, 12)))]

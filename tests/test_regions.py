@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_bad_volumes, write_volume
 from monai import transforms as mt
 
 from voco.data.presets import PRESETS, get_preset
@@ -82,25 +83,12 @@ def test_loader_batches_regions_from_mixed_presets(shared_data, tmp_path):
     assert {path.parent.name.split("-")[0] for path in cached} == {"ct_abdomen", "mr_zscore"}
 
 
-def write_volume(path, array, spacing=(1.0, 1.0, 1.0)):
-    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.diag([*spacing, 1.0])), str(path))
-    return str(path)
-
-
 @pytest.fixture
 def mixed_datalist(tmp_path):
     """Two good volumes and five bad ones: missing, truncated, 2-D, NaN, empty."""
     rng = np.random.default_rng(0)
     good = [write_volume(tmp_path / f"good{i}.nii.gz", rng.uniform(-100, 200, (20, 20, 12))) for i in range(2)]
-    truncated = tmp_path / "truncated.nii.gz"
-    data = open(write_volume(truncated, rng.uniform(0, 1, (20, 20, 12))), "rb").read()
-    truncated.write_bytes(data[: len(data) // 2])
-    nan = rng.uniform(0, 1, (20, 20, 12))
-    nan[3, 3, 3] = np.nan
-    bad = [str(tmp_path / "missing.nii.gz"), str(truncated),
-           write_volume(tmp_path / "flat.nii.gz", rng.uniform(0, 1, (20, 20))),
-           write_volume(tmp_path / "nan.nii.gz", nan),
-           write_volume(tmp_path / "empty.nii.gz", np.zeros((20, 0, 12)))]
+    bad = write_bad_volumes(tmp_path / "bad")
     entries = [{"image": path, "dataset": "d", "subject": str(i), "study": "0", "scan_index": 0}
                for i, path in enumerate(good[:1] + bad + good[1:])]
     return entries, bad
@@ -109,7 +97,7 @@ def mixed_datalist(tmp_path):
 @pytest.mark.parametrize("cache", ["none", "memory"])
 def test_bad_volumes_are_skipped_and_counted(mixed_datalist, cache):
     entries, bad = mixed_datalist
-    dataset = build_region_dataset(entries, region_size=(16, 16, 8), cache=cache)
+    dataset = build_region_dataset(entries, region_size=(16, 16, 8), cache=cache, max_bad_fraction=1.0)
     items = [dataset[i] for i in range(len(dataset))]
     assert all(tuple(item["image"].shape) == (1, 16, 16, 8) for item in items)
     # index 1 walks over the five bad volumes to the second good one; later bad indices are already known
@@ -120,13 +108,21 @@ def test_bad_volumes_are_skipped_and_counted(mixed_datalist, cache):
 
 def test_strict_policy_names_the_file_and_entry(mixed_datalist):
     entries, bad = mixed_datalist
-    dataset = build_region_dataset(entries, region_size=(16, 16, 8), bad_volumes="stop")
+    dataset = build_region_dataset(entries, region_size=(16, 16, 8), bad_volumes="stop", max_bad_fraction=1.0)
     assert tuple(dataset[0]["image"].shape) == (1, 16, 16, 8)
     for index, path in enumerate(bad, start=1):
         with pytest.raises(VolumeError) as error:
             dataset[index]
         message = str(error.value)
         assert path in message and f"d/{index}/0/0" in message and "\n" not in message
+
+
+def test_a_mostly_bad_manifest_fails_before_any_volume_is_preprocessed(mixed_datalist):
+    entries, bad = mixed_datalist  # 5 bad of 7; the headers show 3 of them (missing, 2-D, empty): 3/7 = 0.43
+    with pytest.raises(VolumeError, match=r"3 of the 7 volumes checked before training cannot be used \(the first: "
+                                          r".*missing.nii.gz.*max_bad_fraction above 0.43"):
+        build_region_dataset(entries, region_size=(16, 16, 8), max_bad_fraction=0.4)
+    assert len(build_region_dataset(entries, region_size=(16, 16, 8), max_bad_fraction=0.5)) == 7
 
 
 def test_bad_settings_are_refused():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bundle_command
+from conftest import bundle_command, write_bad_volumes
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.handlers import CheckpointLoader, LrScheduleHandler
@@ -30,6 +30,7 @@ from voco.data.manifest import load_manifest, to_datalist
 from voco.data.phantoms import ensure_phantoms
 from voco.data.regions import build_region_dataset
 from voco.engine import (
+    EXIT_BAD_DATA,
     EXIT_NON_FINITE,
     AtomicCheckpointSaver,
     GracefulStop,
@@ -84,7 +85,7 @@ class Run:
 
 
 def train(datalist: list[dict], checkpoints: Path, *, stop_at: int | None = None, resume: bool = False,
-          nan_at: set[int] = frozenset(), max_bad_steps: int = 20, n_saved: int = 2) -> Run:
+          nan_at: set[int] = frozenset(), max_bad_steps: int = 20, n_saved: int = 2, num_workers: int = 0) -> Run:
     """A run as the bundles build it (seeded, then components), with interval checkpoints every step."""
     set_determinism(0)
     backbone = build_backbone("vit", "tiny", input_size=[32, 32, 32], patch_size=8, layout="global")
@@ -96,8 +97,8 @@ def train(datalist: list[dict], checkpoints: Path, *, stop_at: int | None = None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = WarmupCosineSchedule(optimizer, warmup_steps=2, t_total=MAX_STEPS)
     dataset = build_region_dataset(datalist, region_size=(32, 32, 32), cache="memory")
-    loader = DataLoader(dataset, batch_size=2, shuffle=True, num_workers=0, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(dataset, batch_size=2, shuffle=True, num_workers=num_workers, drop_last=True,
+                        generator=torch.Generator().manual_seed(0), persistent_workers=num_workers > 0)
     trainer = PretextTrainer("cpu", model, optimizer, loader, MAX_STEPS, max_bad_steps=max_bad_steps,
                              handlers=[LrScheduleHandler(schedule, epoch_level=False, print_lr=False),
                                        StepLogger(interval=1)])
@@ -141,8 +142,11 @@ def test_a_run_stopped_at_step_k_resumes_to_the_uninterrupted_weights(datalist, 
     stopped = train(datalist, tmp_path, stop_at=stop_at)
     assert stopped.trainer.state.iteration == stop_at and stopped.trainer.state.exit_code == 143
     assert f"stopped after step {stop_at} (SIGTERM)" in capsys.readouterr().out
+    leftover = tmp_path / "tmpk1ll3d_9"  # what a kill during a checkpoint write leaves
+    leftover.write_bytes(b"half a checkpoint")
     resumed = train(datalist, tmp_path, resume=True)
 
+    assert not leftover.exists()
     assert {**stopped.losses, **resumed.losses} == uninterrupted.losses  # the same loss at every step, bitwise
     assert same_tensors(resumed.final_weights, uninterrupted.final_weights)
     # the optimizer moment estimates and EMA teacher came back too: the state after every resumed step matches
@@ -150,6 +154,15 @@ def test_a_run_stopped_at_step_k_resumes_to_the_uninterrupted_weights(datalist, 
     # the stopped run's interval checkpoints joined the rotation: only the newest n_saved (2) are left
     names = sorted(path.name for path in tmp_path.glob("checkpoint_iteration=*.pt"))
     assert names == [f"checkpoint_iteration={MAX_STEPS - 1}.pt", f"checkpoint_iteration={MAX_STEPS}.pt"]
+
+
+def test_with_worker_processes_a_resumed_run_still_matches_the_uninterrupted_one(datalist, uninterrupted, tmp_path):
+    """Each item's random region is seeded from (seed, epoch, index), so neither the worker that makes it nor a
+    resume changes it: two workers, stopped and resumed, give the weights of the run without workers."""
+    stopped = train(datalist, tmp_path, stop_at=3, num_workers=2)
+    resumed = train(datalist, tmp_path, resume=True, num_workers=2)
+    assert {**stopped.losses, **resumed.losses} == uninterrupted.losses
+    assert same_tensors(resumed.final_weights, uninterrupted.final_weights)
 
 
 def test_checkpoints_hold_every_random_state_as_plain_weights(uninterrupted):
@@ -446,3 +459,66 @@ def test_killed_and_stopped_bundle_resumes_to_the_uninterrupted_weights(interrup
     history = client.get_metric_history(chain.info.run_id, "loss")
     assert sorted({point.step for point in history}) == list(range(1, BUNDLE_STEPS + 1))
     assert all(point.value == expected[point.step] for point in history), f"killed at step {runs['kill_at']}"
+
+
+# --------------------------------------------------------------------------- the bundle fed bad volumes
+
+
+def mixed_manifest(folder: Path, extra_missing: int = 0) -> tuple[Path, list[str]]:
+    """Phantoms (3 for training, 2 for validation) with the five kinds of bad volume (and `extra_missing` more
+    missing files) added as training subjects -> (manifest path, bad paths)."""
+    import json
+
+    manifest = load_manifest(ensure_phantoms(folder / "phantoms", n=5, seed=0))
+    manifest["dataset_dir"] = "phantoms"
+    dataset = manifest["datasets"][0]
+    for index, subject in enumerate(dataset["subjects"]):
+        for study in subject["studies"]:
+            for scan in study["scans"]:
+                scan["split"] = "validation" if index >= 3 else "training"
+    bad = write_bad_volumes(folder / "bad") + [str(folder / "bad" / f"gone{i}.nii.gz") for i in range(extra_missing)]
+    dataset["subjects"] += [{"id": f"bad{i}", "studies": [{"id": "0", "scans": [{"image": path, "split": "training"}]}]}
+                            for i, path in enumerate(bad)]
+    path = folder / "mixed.json"
+    path.write_text(json.dumps({key: value for key, value in manifest.items() if not key.startswith("_")}))
+    return path, bad
+
+
+def run_smoke_bundle(cwd: Path, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
+    command = bundle_command(*SMOKE, "--tracking", "mlflow", "--tracking_uri", f"sqlite:///{cwd}/runs/mlflow.db",
+                             "--run_name", run_name, *overrides)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_bad_volumes_in_a_bundle_run_are_skipped_counted_and_named(tmp_path):
+    manifest, bad = mixed_manifest(tmp_path)
+    # 3 good + 5 bad training volumes in batches of 2: the 4 smoke steps visit every one of them once
+    result = run_smoke_bundle(tmp_path, "mixed", "--manifest", str(manifest), "--max_steps", "4")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client, run = mlflow_run(tmp_path, "mixed")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["data/skipped_volumes"] == len(bad)
+    skip_lines = [line for line in (result.stdout + result.stderr).splitlines() if "skipping a bad volume: " in line]
+    assert len(skip_lines) == len(bad) and all(any(path in line for line in skip_lines) for path in bad)
+
+
+def test_the_strict_policy_stops_a_bundle_run_cleanly_at_a_bad_volume(tmp_path):
+    manifest, bad = mixed_manifest(tmp_path)
+    # one worker process: the error comes from inside a DataLoader worker, and still ends in one sentence
+    result = run_smoke_bundle(tmp_path, "strict", "--manifest", str(manifest), "--bad_volumes", "stop",
+                              "--num_workers", "1", "--max_steps", "4")
+    assert result.returncode == EXIT_BAD_DATA, result.stdout[-3000:] + result.stderr[-3000:]
+    stop_line = next(line for line in result.stdout.splitlines() if line.startswith("stopping: "))
+    assert any(path in stop_line for path in bad)
+    assert "Traceback" not in result.stdout + result.stderr
+    _, run = mlflow_run(tmp_path, "strict")
+    assert run.info.status == "FAILED"
+
+
+def test_a_mostly_bad_manifest_fails_before_training_with_one_sentence(tmp_path):
+    manifest, bad = mixed_manifest(tmp_path, extra_missing=3)  # headers: missing x4, 2-D, empty bad; 6 of 11 training
+    result = run_smoke_bundle(tmp_path, "mostly-bad", "--manifest", str(manifest))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: 6 of the 11 volumes checked before training cannot be used (the first: ")
+    assert "Traceback" not in result.stderr and "step 1/" not in result.stdout

@@ -12,6 +12,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
 
-from voco.errors import CheckpointError, ConfigError, ManifestError, VocoError, VolumeError
+from voco.errors import CheckpointError, ConfigError, ManifestError, VocoError, VolumeError, install_error_hook
+
+install_error_hook()  # a user's mistake ends a bundle run with its one sentence, not a traceback
 
 __all__ = ["__version__", "VocoError", "ManifestError", "VolumeError", "CheckpointError", "ConfigError"]

@@ -39,7 +39,8 @@ from monai.data.utils import set_rnd
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointSaver
 
-from voco.errors import CheckpointError, ConfigError
+from voco.data.regions import item_seed, random_transform_generators
+from voco.errors import CheckpointError, ConfigError, VolumeError, error_sentence
 from voco.tracking import RunLogger
 
 logger = logging.getLogger("voco.engine")
@@ -50,6 +51,10 @@ COUNTERS = ("skipped_volumes", "skipped_steps", "bad_steps_in_a_row")
 # Exit code of a run stopped after `max_bad_steps` non-finite steps in a row. A run stopped by a signal exits with
 # 128 + the signal number (SIGTERM 143, SIGINT 130), as shells report a process that the signal ended.
 EXIT_NON_FINITE = 3
+# What ignite's atomic write names its temporary file (`tempfile.NamedTemporaryFile` in the checkpoint folder).
+TEMPORARY_NAME = re.compile(r"tmp[a-z0-9_]{8}")
+# Exit code of a run stopped by a bad volume under the strict policy (``bad_volumes="stop"``).
+EXIT_BAD_DATA = 4
 
 
 def autocast(device: torch.device, precision: str):
@@ -97,51 +102,34 @@ def _unpack_numpy_state(state: Mapping) -> tuple:
     return ("MT19937", keys, state["position"], state["has_gauss"], state["gauss"])
 
 
-def random_transform_generators(root: Any) -> list[np.random.RandomState]:
-    """The NumPy generators (``R``) of the MONAI random transforms inside a dataset, in a fixed order.
-
-    Walks attributes, lists and tuples as MONAI's `set_rnd` does, but into every randomizable object (a Compose
-    and each of its transforms hold their own generator)."""
-    found: dict[int, np.random.RandomState] = {}
-    seen: set[int] = set()
-
-    def visit(node: Any) -> None:
-        if id(node) in seen or isinstance(node, (torch.Tensor, np.ndarray, str, bytes, int, float, type)):
-            return
-        seen.add(id(node))
-        if isinstance(node, (list, tuple)):
-            for item in node:
-                visit(item)
-            return
-        if not hasattr(node, "__dict__"):
-            return
-        generator = getattr(node, "R", None)
-        if isinstance(generator, np.random.RandomState):
-            found.setdefault(id(generator), generator)
-        for key, value in vars(node).items():
-            if not key.startswith("__"):
-                visit(value)
-
-    visit(root)
-    return list(found.values())
-
-
 class _EpochOrder(torch.utils.data.Sampler):
-    """Stands in for a batch sampler's index sampler: the same indices, with two differences that make the data
+    """Stands in for a batch sampler's index sampler: the same indices, with three differences that make the data
     order resumable. An epoch draws its order from the loader's generator once: torch's `RandomSampler` draws
     another permutation when its exhausted iterator is advanced, which ignite does at the next epoch's start and a
-    resumed run would not. And the first epoch after a resume leaves out its first `skip` indices (the batches
-    trained on before the stop), so they are never loaded."""
+    resumed run would not. The first epoch after a resume leaves out its first `skip` indices (the batches trained
+    on before the stop), so they are never loaded. And where the dataset seeds its random transforms per item
+    (`voco.data.regions.SkipBadVolumes`), each index goes out as ``(index, item_seed(seed, epoch, index))``: the
+    random region of an item is then fixed by the run's seed, the epoch and the item, in any worker process (and
+    the epoch's shuffle by the seed and the epoch)."""
 
-    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
-        self.sampler, self.skip = sampler, 0
+    def __init__(self, sampler: torch.utils.data.Sampler, seed: int | None = None) -> None:
+        self.sampler, self.skip, self.seed, self.epoch = sampler, 0, seed, 0
 
     def __len__(self) -> int:
         return len(self.sampler)  # the whole epoch: ignite counts the resumed epoch from the saved iteration
 
     def __iter__(self) -> Iterator:
         skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.sampler), skip, len(self.sampler))
+        seed, epoch = self.seed, self.epoch
+        shuffle_generator = getattr(self.sampler, "generator", None)
+        if seed is not None and isinstance(shuffle_generator, torch.Generator):
+            # The shuffle from (seed, epoch) too: how often the loader drew from the same generator before (a base
+            # seed per iterator, or once with persistent workers) must not change the order.
+            shuffle_generator.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+        indices = itertools.islice(iter(self.sampler), skip, len(self.sampler))
+        if seed is None:
+            return indices
+        return ((index, item_seed(seed, epoch, index)) for index in indices)
 
 
 class RandomState:
@@ -150,9 +138,10 @@ class RandomState:
 
     Held: Python's `random`, NumPy's global generator, torch's CPU and CUDA generators, the ``generator`` of every
     module of the pretext (the tasks of the cyclic pretext too), the NumPy generators of the training dataset's
-    random transforms (those of this process: with ``num_workers=0`` this makes the resume bitwise exact on the
-    CPU; worker processes keep theirs, so with workers the regions cut after a resume differ), the DataLoader's
-    ``generator`` and the position in the epoch. Under torchrun every rank's states go into rank 0's checkpoint.
+    random transforms (of this process), the DataLoader's ``generator`` and the position in the epoch. Under
+    torchrun every rank's states go into rank 0's checkpoint. The random regions themselves do not depend on any
+    generator's history: each item's transforms are seeded from (seed, epoch, index) (see `_EpochOrder`), so the
+    resume is exact with any number of DataLoader workers.
 
     Resume inside an epoch: ignite restarts the data iterator at the epoch's first batch while counting iterations
     from the saved one; so the loader's generator is set back to its state at the start of the interrupted epoch
@@ -176,7 +165,11 @@ class RandomState:
         batch_sampler = getattr(self.data_loader, "batch_sampler", None)
         if isinstance(batch_sampler, torch.utils.data.BatchSampler):
             if not isinstance(batch_sampler.sampler, _EpochOrder):
-                batch_sampler.sampler = _EpochOrder(batch_sampler.sampler)
+                dataset = getattr(self.data_loader, "dataset", None)
+                generator = self._loader_generator()
+                seed = None if not hasattr(dataset, "seed_random_transforms") else (
+                    generator.initial_seed() if generator is not None else 0)
+                batch_sampler.sampler = _EpochOrder(batch_sampler.sampler, seed)
             self._order = batch_sampler.sampler
         else:
             logger.warning("the training loader has no batch sampler: a run resumed inside an epoch starts that "
@@ -247,6 +240,8 @@ class RandomState:
         self._resumed = True
 
     def _epoch_started(self, engine: Engine) -> None:
+        if self._order is not None:
+            self._order.epoch = engine.state.epoch  # ignite makes the epoch's data iterator after this event
         if self._resumed:
             self._resumed = False
             self._skip_batches(engine.state.iteration % engine.state.epoch_length)
@@ -268,6 +263,18 @@ def unchanged_random_state(pretext: torch.nn.Module, data_loader: Iterable) -> I
         yield
     finally:
         keeper.restore(state)
+
+
+class _WorkerErrorsInOneLine(logging.Filter):
+    """ignite logs the exception that ends an epoch with its message; one re-raised from a DataLoader worker carries
+    the worker's whole traceback in its message, so the log shows it as the error's sentence instead (an error that
+    is not ours still reaches Python with its traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Original Traceback" in message:
+            record.msg, record.args = message.split(":", 1)[0] + ": " + message.strip().splitlines()[-1], ()
+        return True
 
 
 class PretextTrainer(Trainer):
@@ -329,6 +336,7 @@ class PretextTrainer(Trainer):
         self.state.stop_requested = 0  # a signal number set by GracefulStop; all ranks act on it at the next step
         self.state.stop_reason = None  # why the run stopped early ("SIGTERM", "SIGINT", "non-finite"), if it did
         self.state.exit_code = None
+        self.logger.addFilter(_WorkerErrorsInOneLine())
         self.random_state = RandomState(pretext, train_data_loader)
         self.random_state.attach(self)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_max_steps)
@@ -586,7 +594,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     Why: MONAI builds ignite's `DiskSaver` with ``atomic=False``, so a kill during a write leaves a truncated
     newest checkpoint; here ignite's own atomic mode is switched back on (a temporary file in the same folder,
     renamed when complete). Interval checkpoints that an earlier run of the folder left join the rotation, so a
-    resumed run still keeps only the newest `n_saved`. Arguments are those of MONAI's `CheckpointSaver`.
+    resumed run still keeps only the newest `n_saved`; the temporary file of a write that a kill cut short is
+    deleted. Arguments are those of MONAI's `CheckpointSaver`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -595,6 +604,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if checkpoint is not None:
                 checkpoint.save_handler._atomic = True  # the DiskSaver option MONAI turns off
         self._adopted_earlier = False
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        if isinstance(e, VolumeError):  # the strict data policy: `GracefulStop` writes the checkpoint and stops
+            return
+        super().exception_raised(engine, e)
 
     def interval_completed(self, engine: Engine) -> None:
         self._adopt_earlier_checkpoints(engine)
@@ -606,6 +620,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if self._adopted_earlier or checkpoint is None or checkpoint.n_saved is None:
             return
         self._adopted_earlier = True
+        for leftover in Path(self.save_dir).glob("tmp*"):  # half-written by a run killed during a write
+            if TEMPORARY_NAME.fullmatch(leftover.name) and leftover.is_file():
+                leftover.unlink(missing_ok=True)
         prefix = f"{checkpoint.filename_prefix}_" if checkpoint.filename_prefix else ""
         name = next(iter(checkpoint.to_save)) if len(checkpoint.to_save) == 1 else "checkpoint"  # as ignite names
         pattern = re.compile(rf"{re.escape(prefix + name)}_{checkpoint.score_name}=(\d+)\.pt")
@@ -673,8 +690,9 @@ def _newest_readable_checkpoint(directory: str | Path) -> tuple[str | None, str 
 
 
 class GracefulStop:
-    """Ends a run that is asked to stop cleanly: SIGTERM (a cluster's preemption), SIGINT (Ctrl-C), or the trainer's
-    numerical stop (`PretextTrainer.max_bad_steps`).
+    """Ends a run that is asked to stop cleanly: SIGTERM (a cluster's preemption), SIGINT (Ctrl-C), the trainer's
+    numerical stop (`PretextTrainer.max_bad_steps`), or a bad volume under the strict policy (a `VolumeError` from
+    the loader, also from inside a worker process: exit code `EXIT_BAD_DATA`, the run FAILED, no traceback).
 
     On the first SIGTERM/SIGINT the current step finishes; then a checkpoint of the state after that step is
     written (the newest, so resume takes it), the MLflow run is closed as KILLED (FAILED for a numerical stop), the
@@ -704,6 +722,7 @@ class GracefulStop:
         self.engine = engine
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._stop_on_bad_data)
         engine.add_event_handler(Events.TERMINATE, self._restore_handlers)
         engine.add_event_handler(Events.COMPLETED, self._restore_handlers)
 
@@ -735,14 +754,24 @@ class GracefulStop:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
+    def _stop_on_bad_data(self, engine: Engine, error: BaseException) -> None:
+        """A bad volume under the strict policy: the same clean stop (checkpoint of the last step, run FAILED, a
+        one-line message, `EXIT_BAD_DATA`); any other exception goes on as it came (ignite would swallow it)."""
+        if not isinstance(error, VolumeError) or getattr(engine.state, "stop_reason", None) is not None:
+            raise error
+        print(f"stopping: {error_sentence(error)}", flush=True)
+        engine.state.stop_reason, engine.state.exit_code = "bad volume", EXIT_BAD_DATA
+        self._stop_if_asked(engine)
+
     def _stop_if_asked(self, engine: Engine) -> None:
         state = engine.state
         if getattr(state, "stop_reason", None) is None:
             return
-        path = self.checkpoint_saver.save_now(engine) if self.checkpoint_saver is not None else None
-        if _distributed():
+        path = self.checkpoint_saver.save_now(engine) if self.checkpoint_saver is not None and state.iteration \
+            else None
+        if _distributed() and state.stop_reason != "bad volume":  # a bad volume stops only the rank that read it
             dist.barrier()  # torchrun ends every rank at the first exit: rank 0 must have written the checkpoint
-        RunLogger(engine).end("FAILED" if state.stop_reason == "non-finite" else "KILLED")
+        RunLogger(engine).end("KILLED" if state.stop_reason in ("SIGTERM", "SIGINT") else "FAILED")
         if _rank() == 0:
             where = f"the checkpoint {path}" if path is not None else "no checkpoint (no saver given)"
             print(f"stopped after step {state.iteration} ({state.stop_reason}) with {where}; run the same command "

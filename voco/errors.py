@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from types import ModuleType
 
 
@@ -42,3 +43,45 @@ def optional_import(package: str, feature: str) -> ModuleType:
             f"{feature} needs the Python package '{package.split('.')[0]}', which is not installed; "
             f"run `pip install {package.split('.')[0]}` (or `make venv`) and try again ({error})."
         ) from error
+
+
+def user_error_in(error: BaseException | None) -> VocoError | None:
+    """The `VocoError` that caused `error` (itself, or one of its causes: MONAI's config parser wraps what a config
+    expression raised), or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, VocoError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def error_sentence(error: BaseException) -> str:
+    """The one sentence of an error; one re-raised from a DataLoader worker carries the worker's traceback first and
+    its original ``module.Class: sentence`` line last."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return re.sub(r"^[\w.]+Error: ", "", lines[-1]) if len(lines) > 1 else lines[0]
+
+
+def install_error_hook() -> None:
+    """Report an uncaught `VocoError` as its one sentence (``error: ...``, exit status 1) instead of a traceback, also
+    when MONAI's bundle runner wrapped it; ``VOCO_TRACEBACK=1`` keeps the traceback. Other exceptions are untouched."""
+    import os
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_voco_hook", False):
+        return
+
+    def hook(kind: type, value: BaseException, traceback) -> None:
+        user_error = user_error_in(value)
+        if user_error is None or os.environ.get("VOCO_TRACEBACK"):
+            previous(kind, value, traceback)
+            return
+        print(f"error: {error_sentence(user_error)}", file=sys.stderr, flush=True)
+
+    hook._voco_hook = True  # type: ignore[attr-defined]
+    sys.excepthook = hook

@@ -290,25 +290,81 @@ class TolerantCacheDataset(CacheDataset):
         return super()._transform(index)
 
 
+def random_transform_generators(root: Any) -> list[np.random.RandomState]:
+    """The NumPy generators (``R``) of the MONAI random transforms inside a dataset, in a fixed order.
+
+    Walks attributes, lists and tuples as MONAI's `set_rnd` does, but into every randomizable object (a Compose
+    and each of its transforms hold their own generator)."""
+    found: dict[int, np.random.RandomState] = {}
+    seen: set[int] = set()
+
+    def visit(node: Any) -> None:
+        if id(node) in seen or isinstance(node, (torch.Tensor, np.ndarray, str, bytes, int, float, type)):
+            return
+        seen.add(id(node))
+        if isinstance(node, (list, tuple)):
+            for item in node:
+                visit(item)
+            return
+        if not hasattr(node, "__dict__"):
+            return
+        generator = getattr(node, "R", None)
+        if isinstance(generator, np.random.RandomState):
+            found.setdefault(id(generator), generator)
+        for key, value in vars(node).items():
+            if not key.startswith("__"):
+                visit(value)
+
+    visit(root)
+    return list(found.values())
+
+
+def check_bad_volume_policy(bad_volumes: str) -> None:
+    if bad_volumes not in BAD_VOLUME_POLICIES:
+        raise ConfigError(f"bad_volumes={bad_volumes!r}; use one of {', '.join(BAD_VOLUME_POLICIES)}.")
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of the random transforms for item `index` of `epoch`: one number per (seed, epoch, item), so an item
+    is the same whichever worker process makes it and whether or not the run was resumed."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
 class SkipBadVolumes(torch.utils.data.Dataset):
     """Wrap a dataset so that a volume that fails is skipped (next good one returned) or stops the run.
 
     Each item gets ``skipped_volumes``: how many bad volumes were passed over to produce it. Volumes known
-    to be bad are remembered (per worker process) so they are not read again.
+    to be bad are remembered (per worker process) so they are not read again. Items carry `keys` (and the count).
+
+    Random transforms: an item asked for as ``dataset[(index, seed)]`` (what the trainer's sampler does, see
+    `voco.engine.RandomState`) first seeds every random transform of the wrapped dataset from `seed`; its random
+    region then depends on the seed alone, not on which worker makes it or on what that worker made before — the
+    worker processes' own generators would otherwise differ after a resume.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, datalist: Sequence[Mapping[str, Any]],
-                 bad_volumes: str = "skip", max_consecutive: int = 32) -> None:
-        if bad_volumes not in BAD_VOLUME_POLICIES:
-            raise ConfigError(f"bad_volumes={bad_volumes!r}; use one of {', '.join(BAD_VOLUME_POLICIES)}.")
+                 bad_volumes: str = "skip", max_consecutive: int = 32, keys: Sequence[str] = REGION_KEYS) -> None:
+        check_bad_volume_policy(bad_volumes)
         self.dataset, self.datalist = dataset, list(datalist)
         self.bad_volumes, self.max_consecutive = bad_volumes, max_consecutive
+        self.keys = tuple(keys)
         self.known_bad: set[int] = set()
+        self._generators: list[np.random.RandomState] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
+    def seed_random_transforms(self, seed: int) -> None:
+        """Seed every random transform of the wrapped dataset (each from its own stream of `seed`)."""
+        if self._generators is None:  # found once per process: a worker holds its own copies of the transforms
+            self._generators = random_transform_generators(self.dataset)
+        for stream, generator in enumerate(self._generators):
+            generator.seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        if isinstance(index, tuple):
+            index, seed = index
+            self.seed_random_transforms(seed)
         skipped = 0
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
@@ -328,7 +384,7 @@ class SkipBadVolumes(torch.utils.data.Dataset):
                                       f"{self.datalist[candidate].get('image')}); check the manifest with "
                                       f"`voco manifest check`.") from None
                 continue
-            item = {key: item[key] for key in REGION_KEYS}
+            item = {key: item[key] for key in self.keys}
             item["skipped_volumes"] = skipped
             return item
         raise VolumeError(f"no volume of the {len(self)} in this dataset could be loaded; check the manifest with "
@@ -345,12 +401,41 @@ def resolve_datalist(source: str | os.PathLike | Mapping | Sequence[Mapping], da
     return [dict(entry) for entry in source]
 
 
+def preflight(datalist: Sequence[Mapping[str, Any]], max_bad_fraction: float = 0.5, sample_size: int = 200,
+              seed: int = 0) -> None:
+    """Fail fast, before any training, when most of a manifest cannot be used.
+
+    The headers of up to `sample_size` entries (all of them for smaller manifests; a seeded sample otherwise) are
+    read: missing files, unreadable headers, volumes that are not 3-D or are empty. If more than
+    `max_bad_fraction` of them are bad, a VolumeError says how many and names the first; the rest of a run skips
+    and counts bad volumes as it meets them (truncated voxel data and NaNs only show when the voxels are read).
+    """
+    from voco.data.volumes import check_volume
+
+    if max_bad_fraction >= 1.0 or not datalist:
+        return
+    if not 0.0 <= max_bad_fraction:
+        raise ConfigError(f"max_bad_fraction={max_bad_fraction}; give a fraction in [0, 1] (1 turns the check off).")
+    picked = range(len(datalist)) if len(datalist) <= sample_size else sorted(
+        np.random.default_rng(seed).choice(len(datalist), sample_size, replace=False))
+    problems = [problem for index in picked
+                for problem in check_volume(datalist[index]["image"], read_voxels=False)[:1]]
+    logger.info("preflight: %d of %d volume headers checked are bad", len(problems), len(picked))
+    if len(problems) == len(picked):
+        raise VolumeError(f"none of the {len(picked)} volumes checked before training can be used (the first: "
+                          f"{problems[0]}); fix the manifest (`voco manifest check` lists every problem).")
+    if len(problems) > max_bad_fraction * len(picked):
+        raise VolumeError(f"{len(problems)} of the {len(picked)} volumes checked before training cannot be used "
+                          f"(the first: {problems[0]}); fix the manifest (`voco manifest check` lists every problem) "
+                          f"or raise max_bad_fraction above {len(problems) / len(picked):.2f} to train on the rest.")
+
+
 def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping], *,
                          region_size: int | Sequence[int] = (192, 192, 64), preset: str | None = None,
                          cache: str = "none", cache_dir: str | os.PathLike | None = None,
                          bad_volumes: str = "skip", dataset_dir: str | None = None,
                          num_cache_workers: int | None = None, cache_dtype: str = "auto",
-                         cache_compression: str = "none") -> SkipBadVolumes:
+                         cache_compression: str = "none", max_bad_fraction: float = 0.5) -> SkipBadVolumes:
     """One dataset of random regions for a manifest (or datalist), whatever presets its entries name.
 
     Args:
@@ -365,12 +450,15 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
         cache_compression: "none" or "zlib" (the compact cache only: smaller again, but every read decompresses the
             whole volume; measured in benchmarks/README.md).
         bad_volumes: "skip" (count and go on) or "stop" (raise a VolumeError naming the file).
+        max_bad_fraction: refuse a manifest whose volume headers are bad for more than this fraction of entries
+            before any work (`preflight`); 1 turns the check off.
     """
     region_size = as_region_size(region_size)
     if cache not in CACHE_MODES:
         raise ConfigError(f"cache={cache!r}; use one of {', '.join(CACHE_MODES)}.")
     if cache == "disk" and cache_dir is None:
         raise ConfigError("cache='disk' needs a cache_dir; give a folder for the preprocessed volumes.")
+    check_bad_volume_policy(bad_volumes)
     # Refuse a bad cache setting before any work.
     compact_transforms(stored_dtype(preset or "ct_abdomen", cache_dtype), cache_compression)
     datalist = resolve_datalist(source, dataset_dir)
@@ -379,6 +467,7 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
     for entry in datalist:
         entry["preset"] = get_preset(preset or entry.get("preset", "ct_abdomen")).name
         entry["source_stamp"] = source_stamp(entry["image"])
+    preflight(datalist, max_bad_fraction)
 
     parts, ordered = [], []
     for preset_name in dict.fromkeys(entry["preset"] for entry in datalist):
