@@ -135,3 +135,17 @@ def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="preset"):
         build_region_dataset([{"image": "x.nii.gz", "preset": "ct_brain"}])
     assert set(PRESETS) == {"ct_abdomen", "ct_chest", "ct_resize", "mr_zscore"}
+
+
+def test_the_manifest_is_sharded_into_equal_disjoint_parts_per_rank():
+    from voco.data.regions import shard_for_rank
+
+    datalist = [{"image": f"v{i}.nii.gz"} for i in range(7)]
+    shards = [shard_for_rank(datalist, seed=3, rank=rank, world_size=3) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [3, 3, 3]  # 7 volumes: two repeats pad the last parts
+    images = [entry["image"] for shard in shards for entry in shard]
+    assert set(images) == {entry["image"] for entry in datalist} and len(set(images)) == 7
+    assert shards == [shard_for_rank(datalist, seed=3, rank=rank, world_size=3) for rank in range(3)]  # seeded
+    assert shard_for_rank(datalist) == datalist  # not distributed: everything
+    with pytest.raises(ConfigError, match="2 training volumes for 4 ranks"):
+        shard_for_rank(datalist[:2], rank=0, world_size=4)

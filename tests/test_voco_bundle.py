@@ -81,6 +81,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
                                 launcher=[str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"],
                                 env=environment)
     assert result.stdout.count("step 4/4") == 1  # progress from rank 0 only
+    log = result.stdout + result.stderr  # each rank reads only its part of the 3 training phantoms (one repeated)
+    assert all(f"rank {rank} of 2 trains on its shard: 2 of the 3 volumes" in log for rank in (0, 1))
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name("voco_pretrain")
     runs = client.search_runs([experiment.experiment_id])

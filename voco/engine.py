@@ -578,8 +578,8 @@ class RunInfo:
     """What a checkpoint needs to rebuild the encoder: the backbone spec and the pretext's name, saved beside the
     weights as plain data (CheckpointSaver takes objects with a state_dict)."""
 
-    def __init__(self, backbone: Mapping[str, Any], pretext: str) -> None:
-        self.spec = dict(backbone, pretext=pretext)
+    def __init__(self, backbone: Mapping[str, Any], pretext: str, **extra: Any) -> None:
+        self.spec = dict(backbone, pretext=pretext, **extra)  # extra: e.g. the CLIP heads and text encoder
 
     def state_dict(self) -> dict:
         return dict(self.spec)

@@ -10,6 +10,7 @@ Schema (version 1)::
           {"id": "0001",
            "studies": [
              {"id": "baseline", "report": "optional report text",
+              "findings": {"splenomegaly": true, "liver_lesion": false},
               "scans": [
                 {"image": "img/0001.nii.gz", "label": "optional", "series": "optional",
                  "modality": "optional override", "preset": "optional override", "split": "optional",
@@ -19,7 +20,11 @@ Schema (version 1)::
 Decathlon-style JSON (``{"training": [{"image": ...}], "validation": [...]}``) is read too and
 turned into a one-dataset manifest. A manifest flattens to a MONAI datalist: one dict per scan with
 absolute ``image`` (and ``label``) paths plus ``dataset``, ``subject``, ``study``, ``modality``,
-``preset`` and, where present, ``report``.
+``preset`` and, where present, ``report`` and ``findings``.
+
+A study's optional ``findings`` are study-level yes/no facts read from its report or a label table (e.g. CT-RATE's
+``multi_abnormality_labels.csv``): an object of booleans keyed by a finding name; a finding it does not name is
+unknown. Language-image pretraining uses them for zero-shot evaluation (`voco.data.studies`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ DEFAULT_PRESETS = {"CT": "ct_abdomen", "MR": "mr_zscore", "PT": "ct_resize"}
 SPLITS = ("training", "validation", "test")
 # Keys of a scan that are copied into its datalist entry as they are.
 SCAN_FACT_KEYS = ("series", "shape", "spacing", "orientation", "split", "attributes")
+# A study's yes/no facts, {"<finding name>": true/false}; copied into each of its scans' datalist entries.
+FINDINGS_KEY = "findings"
 
 
 def normalize_modality(value: Any, where: str) -> str:
@@ -100,6 +107,8 @@ def validate_manifest(manifest: Mapping[str, Any], source: str = "manifest") -> 
                 study_where = f"{subject_where}.studies[{t}]"
                 if "report" in study and not isinstance(study["report"], str):
                     raise ManifestError(f"{study_where}.report must be text; fix the manifest.")
+                if FINDINGS_KEY in study:
+                    validate_findings(study[FINDINGS_KEY], f"{study_where}.{FINDINGS_KEY}")
                 scans = _require(study, "scans", list, study_where)
                 if not scans:
                     raise ManifestError(f"{study_where} has no scans; remove the study or add its scans.")
@@ -122,6 +131,19 @@ def validate_manifest(manifest: Mapping[str, Any], source: str = "manifest") -> 
                     for key in ("shape", "spacing"):
                         if key in scan and not (isinstance(scan[key], list) and len(scan[key]) == 3):
                             raise ManifestError(f"{scan_where}.{key} must be a list of three numbers; fix or remove it.")
+
+
+def validate_findings(findings: Any, where: str) -> None:
+    """A study's findings: an object whose keys are non-empty names and whose values are true or false."""
+    if not isinstance(findings, dict):
+        raise ManifestError(f"{where} must be an object of named true/false findings, not "
+                            f"{type(findings).__name__}; fix the manifest.")
+    for name, value in findings.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ManifestError(f"{where} has the finding name {name!r}; give each finding a non-empty name.")
+        if not isinstance(value, bool):
+            raise ManifestError(f"{where}.{name} is {value!r}; give true or false (leave out a finding that is "
+                                f"not known).")
 
 
 def _read_json(path: Path) -> Any:
@@ -171,7 +193,7 @@ def manifest_from_decathlon(data: Mapping[str, Any], name: str, modality: str | 
 
 def manifest_from_records(records: Iterable[Mapping[str, Any]], name: str, modality: str = "CT",
                           preset: str | None = None, description: str = "") -> dict:
-    """Nest flat records ``{"dataset", "subject", "study", "scan": {...}, "report"?}`` into a manifest.
+    """Nest flat records ``{"dataset", "subject", "study", "scan": {...}, "report"?, "findings"?}`` into a manifest.
 
     Datasets, subjects and studies keep the order in which they first appear.
     """
@@ -193,6 +215,8 @@ def manifest_from_records(records: Iterable[Mapping[str, Any]], name: str, modal
             subject["studies"].append(study)
         if record.get("report"):
             study["report"] = record["report"]
+        if record.get(FINDINGS_KEY) is not None:
+            study[FINDINGS_KEY] = dict(record[FINDINGS_KEY])
         study["scans"].append(dict(record["scan"]))
     for dataset in datasets.values():
         for subject in dataset.pop("_subjects").values():
@@ -274,6 +298,8 @@ def to_datalist(manifest: Mapping[str, Any], dataset_dir: str | os.PathLike | No
                         entry["label"] = os.path.normpath(root / scan["label"])
                     if "report" in study:
                         entry["report"] = study["report"]
+                    if FINDINGS_KEY in study:
+                        entry[FINDINGS_KEY] = dict(study[FINDINGS_KEY])
                     entry.update({key: scan[key] for key in SCAN_FACT_KEYS if key in scan})
                     datalist.append(entry)
     if wanted is not None and not datalist:

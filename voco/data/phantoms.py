@@ -17,6 +17,8 @@ the same seed in another orientation, shape or spacing gives the same anatomy.
     phantom = make_phantom(7)                       # one phantom in memory
     manifest = synthesize("runs/phantoms", n=20)    # NIfTI files + a voco manifest, written atomically
     manifest = ensure_phantoms("runs/phantoms", 8)  # the same, but reuses a complete set (smoke configs)
+    study = make_phantom_study(7)                   # one body seen by 1-4 series, with a report and findings
+    manifest = ensure_phantom_studies("runs/phantom_studies", 8)  # a set of them (language-image pretraining)
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class Phantom:
         orientation: the axis code of the voxel axes, e.g. "LPS" (what `nibabel.aff2axcodes(affine)` gives).
         attributes: facts for classification: {"lesion", "lesion_count", "lesion_organs", "enlarged_spleen"}.
         report: a templated radiology report derived from the content.
+        lesion_counts: lesions painted (visible on this grid) per organ of `LESION_ORGANS`.
     """
 
     image: np.ndarray
@@ -95,6 +98,7 @@ class Phantom:
     orientation: str
     attributes: dict[str, Any] = field(default_factory=dict)
     report: str = ""
+    lesion_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -367,22 +371,53 @@ def _paint_anatomy(canvas: _Canvas, rng: np.random.Generator, lesion_probability
     return lesion_counts, enlarged_spleen
 
 
-def phantom_report(lesion_counts: dict[str, int], enlarged_spleen: bool) -> str:
-    """A templated report of what a phantom holds, e.g. "Liver: 2 focal hypodense lesions. ... Impression: ..."."""
+# Wordings of each report sentence: the first is the fixed one (`phantom_report` without a generator); the others
+# let phantom studies say the same findings in different words. "{lesions}" is e.g. "2 focal hypodense lesions".
+REPORT_WORDINGS: dict[str, tuple[str, ...]] = {
+    "liver_normal": ("Liver: normal, no focal lesion.", "Liver: unremarkable, without focal lesion.",
+                     "The liver is normal in size and attenuation without a focal lesion."),
+    "liver_lesion": ("Liver: {lesions}.", "Liver: {lesions} in the right lobe.", "The liver contains {lesions}."),
+    "spleen_normal": ("Spleen: normal size.", "Spleen: unremarkable.", "The spleen is normal in size."),
+    "spleen_enlarged": ("Spleen: enlarged.", "Spleen: enlarged, extending inferiorly.", "The spleen is enlarged."),
+    "kidneys_normal": ("Kidneys: normal.", "Kidneys: unremarkable, no focal lesion.",
+                       "Both kidneys are normal without a focal lesion."),
+    "kidneys_both": ("Kidneys: left kidney {left}; right kidney {right}.",
+                     "Kidneys: {left} in the left kidney and {right} in the right kidney."),
+    "kidney_one": ("Kidneys: {side} kidney {lesions}; {other} kidney normal.",
+                   "Kidneys: {lesions} in the {side} kidney; the {other} kidney is normal."),
+    "impression_normal": ("no focal lesion, spleen normal", "no liver lesion, no kidney lesion, no splenomegaly",
+                          "normal study, no focal lesion"),
+}
+
+
+def phantom_report(lesion_counts: dict[str, int], enlarged_spleen: bool,
+                   rng: np.random.Generator | None = None) -> str:
+    """A templated report of what a phantom holds, e.g. "Liver: 2 focal hypodense lesions. ... Impression: ...".
+
+    Without `rng` every sentence has its fixed wording; with it, each sentence's wording is drawn from
+    `REPORT_WORDINGS`, so reports of the same findings differ as real ones do. The impression always names the
+    positive findings in the same terms ("liver lesion", "kidney lesion", "splenomegaly").
+
+        phantom_report({"liver": 1}, False)  # 'Liver: 1 focal hypodense lesion. Spleen: normal size. ...'
+    """
+    def wording(kind: str, **values: Any) -> str:
+        options = REPORT_WORDINGS[kind]
+        return (options[0] if rng is None else options[int(rng.integers(len(options)))]).format(**values)
+
     def lesions(count: int, kind: str) -> str:
         return f"{count} focal {kind} lesion{'s' if count > 1 else ''}"
 
     liver = lesion_counts.get("liver", 0)
     left, right = lesion_counts.get("kidney_left", 0), lesion_counts.get("kidney_right", 0)
-    sentences = [f"Liver: {lesions(liver, 'hypodense')}." if liver else "Liver: normal, no focal lesion.",
-                 "Spleen: enlarged." if enlarged_spleen else "Spleen: normal size."]
+    sentences = [wording("liver_lesion", lesions=lesions(liver, "hypodense")) if liver else wording("liver_normal"),
+                 wording("spleen_enlarged") if enlarged_spleen else wording("spleen_normal")]
     if left and right:
-        sentences.append(f"Kidneys: left kidney {lesions(left, 'cystic')}; right kidney {lesions(right, 'cystic')}.")
+        sentences.append(wording("kidneys_both", left=lesions(left, "cystic"), right=lesions(right, "cystic")))
     elif left or right:
         side, count, other = ("left", left, "right") if left else ("right", right, "left")
-        sentences.append(f"Kidneys: {side} kidney {lesions(count, 'cystic')}; {other} kidney normal.")
+        sentences.append(wording("kidney_one", side=side, other=other, lesions=lesions(count, "cystic")))
     else:
-        sentences.append("Kidneys: normal.")
+        sentences.append(wording("kidneys_normal"))
     findings = []
     if liver:
         findings.append("liver lesion")
@@ -391,7 +426,7 @@ def phantom_report(lesion_counts: dict[str, int], enlarged_spleen: bool) -> str:
         findings.append(f"kidney lesion on {sides}")
     if enlarged_spleen:
         findings.append("splenomegaly")
-    sentences.append("Impression: " + ("; ".join(findings) if findings else "no focal lesion, spleen normal") + ".")
+    sentences.append("Impression: " + ("; ".join(findings) if findings else wording("impression_normal")) + ".")
     return " ".join(sentences)
 
 
@@ -512,7 +547,134 @@ def make_phantom(
     return Phantom(image=image, label=label, affine=affine,
                    spacing=tuple(float(size) for size in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))),
                    orientation=orientation, attributes=attributes,
-                   report=phantom_report(lesion_counts, enlarged_spleen))
+                   report=phantom_report(lesion_counts, enlarged_spleen), lesion_counts=dict(lesion_counts))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phantom studies: one body seen by several series
+
+
+@dataclass(frozen=True)
+class PhantomSeries:
+    """How one series of a phantom study is acquired and read.
+
+    Attributes:
+        name: the series name (the scan's "series" in the manifest).
+        preset: the preset the scan is read with (`voco.data.presets`); "wide_window" is read with ct_chest's
+            wide HU window [-1000, 500] instead of the abdominal one.
+        voxel_scale: voxel size relative to the study's base voxel. The field of view stays the study's, so the
+            voxel counts change inversely (thin slices: twice the slices).
+        noise_scale: noise relative to the base series (thin slices are noisier, thick ones smoother).
+    """
+
+    name: str
+    preset: str
+    voxel_scale: tuple[float, float, float]
+    noise_scale: float = 1.0
+
+
+PHANTOM_SERIES: tuple[PhantomSeries, ...] = (
+    PhantomSeries("axial", "ct_abdomen", (1.0, 1.0, 1.0)),  # every study has it, as its first scan
+    PhantomSeries("thin_slice", "ct_abdomen", (1.0, 1.0, 0.5), 1.4),
+    PhantomSeries("thick_slice", "ct_abdomen", (1.0, 1.0, 2.0), 0.7),
+    PhantomSeries("coarse_in_plane", "ct_abdomen", (1.5, 1.5, 1.0), 0.8),
+    PhantomSeries("wide_window", "ct_chest", (1.25, 1.25, 1.0)),
+)
+# Study-level findings of phantom studies, the names their manifests use.
+STUDY_FINDINGS = ("liver_lesion", "kidney_lesion", "splenomegaly")
+DEFAULT_STUDY_SHAPE_RANGE = ((40, 56), (40, 56), (20, 28))  # voxels of the base series: small, for CPU smoke runs
+MAX_STUDY_SCANS = 4
+# With these each finding is positive in about 40-55 % of studies (liver lesion 0.7 x 0.79, kidney lesion
+# 0.7 x 0.61, splenomegaly 0.4), so zero-shot accuracy on either class is measurable.
+STUDY_LESION_PROBABILITY = 0.7
+STUDY_ENLARGED_SPLEEN_PROBABILITY = 0.4
+# Bumped whenever what a seed gives as a study changes (with PHANTOM_VERSION, it decides if a set is reused).
+PHANTOM_STUDY_VERSION = 1
+
+
+@dataclass
+class PhantomStudy:
+    """One synthetic CT study: the same body seen by 1-4 series, with one report and study-level findings.
+
+    Attributes:
+        scans: one `Phantom` per series, each on its own grid and in its own orientation.
+        series: the series of each scan (`PHANTOM_SERIES`), "axial" first.
+        report: the study's report, derived from what its scans show (wordings vary, see `phantom_report`).
+        findings: ``{name: bool}`` for `STUDY_FINDINGS`.
+    """
+
+    scans: list[Phantom]
+    series: list[PhantomSeries]
+    report: str
+    findings: dict[str, bool]
+
+
+def study_findings(lesion_counts: dict[str, int], enlarged_spleen: bool) -> dict[str, bool]:
+    """The study-level findings of `STUDY_FINDINGS` from lesion counts per organ and the spleen."""
+    return {"liver_lesion": lesion_counts.get("liver", 0) > 0,
+            "kidney_lesion": lesion_counts.get("kidney_left", 0) + lesion_counts.get("kidney_right", 0) > 0,
+            "splenomegaly": bool(enlarged_spleen)}
+
+
+def make_phantom_study(
+    seed: int | Sequence[int],
+    num_scans: int | None = None,
+    *,
+    shape_range: Sequence[Sequence[int]] = DEFAULT_STUDY_SHAPE_RANGE,
+    in_plane_spacing_range: Sequence[float] = DEFAULT_IN_PLANE_SPACING_RANGE,
+    slice_spacing_range: Sequence[float] = DEFAULT_SLICE_SPACING_RANGE,
+    orientations: Sequence[str] = DEFAULT_ORIENTATIONS,
+    lesion_probability: float = STUDY_LESION_PROBABILITY,
+    enlarged_spleen_probability: float = STUDY_ENLARGED_SPLEEN_PROBABILITY,
+    noise_range: Sequence[float] = DEFAULT_NOISE_RANGE,
+) -> PhantomStudy:
+    """Make one phantom study, deterministically for `seed`: one body (``make_phantom(seed)``'s anatomy) seen by
+    `num_scans` series of `PHANTOM_SERIES` (drawn from 1-4 when None): the "axial" base series on a grid drawn
+    from `shape_range` and the spacing ranges, and others with thinner or thicker slices, coarser in-plane voxels
+    or the wide window, over the same field of view, each stored in its own orientation.
+
+    The report and findings describe what the study shows: a lesion counts when at least one scan shows it (a
+    lesion smaller than a voxel can vanish on a coarse grid).
+
+        study = make_phantom_study(3)
+        [scan.shape for scan in study.scans], study.findings  # e.g. [(44, 51, 23), (44, 51, 46)], {...}
+    """
+    if num_scans is not None and (isinstance(num_scans, bool) or not isinstance(num_scans, int)
+                                  or not 1 <= num_scans <= len(PHANTOM_SERIES)):
+        raise ConfigError(f"num_scans is {num_scans!r}; give a whole number from 1 to {len(PHANTOM_SERIES)} "
+                          f"(or None for 1-{MAX_STUDY_SCANS} drawn per study).")
+    if len(shape_range) != 3:
+        raise ConfigError(f"shape_range is {shape_range!r}; give three [low, high] pairs, one per axis.")
+    codes = [_check_orientation(code) for code in orientations]
+    if not codes:
+        raise ConfigError("orientations is empty; give at least one axis code such as 'RAS'.")
+    # Streams 0-3 of the seed are make_phantom's (geometry, orientation, anatomy, noise); the study draws from 4.
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(5)[4])
+    drawn_count = int(rng.integers(1, MAX_STUDY_SCANS + 1))  # drawn always: fixing num_scans keeps the rest
+    count = num_scans if num_scans is not None else drawn_count
+    series = [PHANTOM_SERIES[0]] + [PHANTOM_SERIES[1 + int(k)] for k in rng.permutation(len(PHANTOM_SERIES) - 1)]
+    series = series[:count]
+    base_shape = np.asarray([int(rng.integers(int(low), int(high) + 1)) for low, high in
+                             (_check_range(f"shape_range[{axis}]", shape_range[axis], 8) for axis in range(3))])
+    in_plane = rng.uniform(*_check_range("in_plane_spacing_range", in_plane_spacing_range, 0.01))
+    base_spacing = np.asarray([in_plane, in_plane,
+                               rng.uniform(*_check_range("slice_spacing_range", slice_spacing_range, 0.01))])
+    noise = rng.uniform(*_check_range("noise_range", noise_range, 0.0))
+    field_of_view = base_shape * base_spacing  # mm: every series covers the same body
+
+    scans = []
+    for kind in series:
+        spacing = base_spacing * np.asarray(kind.voxel_scale)
+        shape = np.maximum(8, np.rint(field_of_view / spacing)).astype(int)
+        scans.append(make_phantom(seed, shape=shape.tolist(), spacing=spacing.tolist(),
+                                  orientation=codes[int(rng.integers(len(codes)))],
+                                  lesion_probability=lesion_probability,
+                                  enlarged_spleen_probability=enlarged_spleen_probability,
+                                  noise_range=(noise * kind.noise_scale,) * 2))
+    lesion_counts = {organ: max(scan.lesion_counts[organ] for scan in scans) for organ in LESION_ORGANS}
+    enlarged_spleen = bool(scans[0].attributes["enlarged_spleen"])  # drawn with the anatomy: the same on any grid
+    return PhantomStudy(scans=scans, series=series, report=phantom_report(lesion_counts, enlarged_spleen, rng),
+                        findings=study_findings(lesion_counts, enlarged_spleen))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -545,19 +707,12 @@ def synthesize(
     from voco.data.manifest import manifest_from_records, save_manifest
 
     out_dir = Path(out_dir).expanduser().resolve()
-    arguments = _arguments(out_dir, n, seed, shape_range=shape_range, in_plane_spacing_range=in_plane_spacing_range,
-                           slice_spacing_range=slice_spacing_range, orientations=orientations,
-                           lesion_probability=lesion_probability,
+    arguments = _arguments(synthesize, out_dir, n, seed, shape_range=shape_range,
+                           in_plane_spacing_range=in_plane_spacing_range, slice_spacing_range=slice_spacing_range,
+                           orientations=orientations, lesion_probability=lesion_probability,
                            enlarged_spleen_probability=enlarged_spleen_probability,
                            with_labels=with_labels, name=name)
-    _check_replaceable(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    except OSError as error:
-        raise VocoError(f"cannot create the phantom folder {out_dir} ({error.strerror}); "
-                        f"choose a writable location.") from error
-    try:
+    with _staged_set(out_dir) as staging:
         (staging / "images").mkdir()
         if with_labels:
             (staging / "labels").mkdir()
@@ -569,28 +724,14 @@ def synthesize(
                                    lesion_probability=lesion_probability,
                                    enlarged_spleen_probability=enlarged_spleen_probability)
             subject = f"phantom_{index:04d}"
-            scan: dict[str, Any] = {"image": f"images/{subject}.nii.gz"}
-            if with_labels:
-                scan["label"] = f"labels/{subject}.nii.gz"
-            phantom.save(staging / scan["image"], staging / scan["label"] if with_labels else None)
-            scan.update(shape=list(phantom.shape), spacing=[round(size, 4) for size in phantom.spacing],
-                        orientation=phantom.orientation, attributes=phantom.attributes)
-            records.append({"dataset": name, "subject": subject, "study": "ct", "scan": scan,
-                            "report": phantom.report})
+            records.append({"dataset": name, "subject": subject, "study": "ct", "report": phantom.report,
+                            "scan": _save_scan(phantom, staging, subject, with_labels)})
             logger.info("phantom %d/%d written to %s", index + 1, n, out_dir)
         manifest = manifest_from_records(records, name=name, modality="CT", preset="ct_abdomen",
                                          description=f"{n} synthetic abdominal CT phantoms (voco.data.phantoms, "
                                                      f"seed {seed})")
         save_manifest(manifest, staging / "manifest.json")
-        files = ["manifest.json"] + [record["scan"][key] for record in records for key in ("image", "label")
-                                     if key in record["scan"]]
-        # The stamp is written last: a folder with a stamp is a complete set.
-        (staging / STAMP_NAME).write_text(json.dumps(
-            {"format": STAMP_FORMAT, "version": PHANTOM_VERSION, "arguments": arguments, "files": files}, indent=1))
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _write_stamp(staging, "phantoms", arguments, records)
     return out_dir / "manifest.json"
 
 
@@ -602,9 +743,96 @@ def ensure_phantoms(out_dir: str | os.PathLike, n: int = 20, seed: int = 0, **op
     (e.g. torchrun ranks) call it at once: they take turns on a lock file beside `out_dir`, and the rest find
     the set the first one wrote.
     """
+    return _ensure_set(synthesize, "phantoms", out_dir, n, seed, options)
+
+
+def synthesize_studies(
+    out_dir: str | os.PathLike,
+    n: int = 20,
+    seed: int = 0,
+    *,
+    num_scans: int | None = None,
+    shape_range: Sequence[Sequence[int]] = DEFAULT_STUDY_SHAPE_RANGE,
+    in_plane_spacing_range: Sequence[float] = DEFAULT_IN_PLANE_SPACING_RANGE,
+    slice_spacing_range: Sequence[float] = DEFAULT_SLICE_SPACING_RANGE,
+    orientations: Sequence[str] = DEFAULT_ORIENTATIONS,
+    lesion_probability: float = STUDY_LESION_PROBABILITY,
+    enlarged_spleen_probability: float = STUDY_ENLARGED_SPLEEN_PROBABILITY,
+    with_labels: bool = False,
+    name: str = "phantom_studies",
+) -> Path:
+    """Write `n` phantom studies (`make_phantom_study((seed, i), num_scans, ...)`) with a manifest; returns its path.
+
+    Layout: out_dir/images/phantom_XXXX_<series>.nii.gz (int16 HU; labels/ likewise when `with_labels`),
+    out_dir/manifest.json: one dataset `name` (modality CT, preset "ct_abdomen"), one subject "phantom_XXXX" per
+    study with one study "ct" holding its scans (each with its "series" and, for the wide window, preset
+    "ct_chest"), the study's "report" and "findings" (`STUDY_FINDINGS`). Written atomically with a stamp, like
+    `synthesize` (the same folder rules).
+
+        manifest_path = synthesize_studies("runs/phantom_studies", n=8)
+    """
+    from voco.data.manifest import manifest_from_records, save_manifest
+
     out_dir = Path(out_dir).expanduser().resolve()
-    arguments = _arguments(out_dir, n, seed, **options)
-    manifest = _complete_set(out_dir, arguments)
+    arguments = _arguments(synthesize_studies, out_dir, n, seed, num_scans=num_scans, shape_range=shape_range,
+                           in_plane_spacing_range=in_plane_spacing_range, slice_spacing_range=slice_spacing_range,
+                           orientations=orientations, lesion_probability=lesion_probability,
+                           enlarged_spleen_probability=enlarged_spleen_probability,
+                           with_labels=with_labels, name=name)
+    options = dict(shape_range=shape_range, in_plane_spacing_range=in_plane_spacing_range,
+                   slice_spacing_range=slice_spacing_range, orientations=orientations,
+                   lesion_probability=lesion_probability, enlarged_spleen_probability=enlarged_spleen_probability)
+    make_phantom_study((seed, 0), num_scans, **options)  # refuse bad options before anything is written
+    with _staged_set(out_dir) as staging:
+        (staging / "images").mkdir()
+        if with_labels:
+            (staging / "labels").mkdir()
+        records = []
+        for index in range(n):
+            study = make_phantom_study((seed, index), num_scans, **options)
+            subject = f"phantom_{index:04d}"
+            for scan, series in zip(study.scans, study.series):
+                record_scan = _save_scan(scan, staging, f"{subject}_{series.name}", with_labels)
+                record_scan.update(series=series.name, preset=series.preset)
+                records.append({"dataset": name, "subject": subject, "study": "ct", "scan": record_scan,
+                                "report": study.report, "findings": study.findings})
+            logger.info("phantom study %d/%d (%d scans) written to %s", index + 1, n, len(study.scans), out_dir)
+        manifest = manifest_from_records(records, name=name, modality="CT", preset="ct_abdomen",
+                                         description=f"{n} synthetic abdominal CT studies of 1-{MAX_STUDY_SCANS} "
+                                                     f"series with reports (voco.data.phantoms, seed {seed})")
+        save_manifest(manifest, staging / "manifest.json")
+        _write_stamp(staging, "phantom_studies", arguments, records)
+    return out_dir / "manifest.json"
+
+
+def ensure_phantom_studies(out_dir: str | os.PathLike, n: int = 20, seed: int = 0, **options: Any) -> Path:
+    """The manifest of a complete set of phantom studies made with these arguments (`synthesize_studies`'s
+    options), synthesised first if need be; reused, locked and replaced as in `ensure_phantoms`."""
+    return _ensure_set(synthesize_studies, "phantom_studies", out_dir, n, seed, options)
+
+
+# The generator version the stamp of each kind of set records: a set made by an older generator is rebuilt.
+_SET_VERSIONS: dict[str, Any] = {"phantoms": PHANTOM_VERSION,
+                                 "phantom_studies": [PHANTOM_VERSION, PHANTOM_STUDY_VERSION]}
+
+
+def _save_scan(phantom: Phantom, staging: Path, stem: str, with_labels: bool) -> dict[str, Any]:
+    """Write one phantom as images/<stem>.nii.gz (and labels/<stem>.nii.gz) -> its manifest scan entry."""
+    scan: dict[str, Any] = {"image": f"images/{stem}.nii.gz"}
+    if with_labels:
+        scan["label"] = f"labels/{stem}.nii.gz"
+    phantom.save(staging / scan["image"], staging / scan["label"] if with_labels else None)
+    scan.update(shape=list(phantom.shape), spacing=[round(size, 4) for size in phantom.spacing],
+                orientation=phantom.orientation, attributes=phantom.attributes)
+    return scan
+
+
+def _ensure_set(function: Any, kind: str, out_dir: str | os.PathLike, n: int, seed: int,
+                options: dict[str, Any]) -> Path:
+    """`function(out_dir, n, seed, **options)`'s manifest, reusing a complete set of `kind` (see `ensure_phantoms`)."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    arguments = _arguments(function, out_dir, n, seed, **options)
+    manifest = _complete_set(out_dir, kind, arguments)
     if manifest is not None:
         return manifest
     try:
@@ -613,27 +841,55 @@ def ensure_phantoms(out_dir: str | os.PathLike, n: int = 20, seed: int = 0, **op
         raise VocoError(f"cannot create the folder {out_dir.parent} for phantoms ({error.strerror}); "
                         f"choose a writable location.") from error
     with _exclusive_lock(out_dir.parent / f".{out_dir.name}.lock"):
-        manifest = _complete_set(out_dir, arguments)  # another process may have written it while we waited
+        manifest = _complete_set(out_dir, kind, arguments)  # another process may have written it while we waited
         if manifest is not None:
             return manifest
-        return synthesize(out_dir, n, seed, **options)
+        return function(out_dir, n, seed, **options)
 
 
-def _arguments(out_dir: Path, n: Any, seed: Any, **options: Any) -> dict[str, Any]:
-    """All of synthesize's arguments (defaults filled in) as JSON values, to compare with a stamp file."""
+def _arguments(function: Any, out_dir: Path, n: Any, seed: Any, **options: Any) -> dict[str, Any]:
+    """All of `function`'s arguments (defaults filled in) as JSON values, to compare with a stamp file."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"the number of phantoms is {n!r}; give a whole number of at least 1.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"the phantom seed is {seed!r}; give a whole number of at least 0.")
     try:
-        bound = inspect.signature(synthesize).bind(out_dir, n, seed, **options)
+        bound = inspect.signature(function).bind(out_dir, n, seed, **options)
     except TypeError as error:
-        raise ConfigError(f"synthesize does not take these options ({error}); use those of "
-                          f"voco.data.phantoms.synthesize.") from None
+        raise ConfigError(f"{function.__name__} does not take these options ({error}); use those of "
+                          f"voco.data.phantoms.{function.__name__}.") from None
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     arguments.pop("out_dir")
     return json.loads(json.dumps(arguments))  # tuples become lists, as they read back from the stamp
+
+
+@contextlib.contextmanager
+def _staged_set(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling folder of `out_dir` to write a set into: renamed into place when the block ends, removed
+    when it raises, so `out_dir` is never half-written. Refuses an `out_dir` that is not a previous set."""
+    _check_replaceable(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    except OSError as error:
+        raise VocoError(f"cannot create the phantom folder {out_dir} ({error.strerror}); "
+                        f"choose a writable location.") from error
+    try:
+        yield staging
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_stamp(staging: Path, kind: str, arguments: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
+    """The stamp, written last: a folder with a stamp is a complete set of the manifest and these records' files."""
+    files = ["manifest.json"] + list(dict.fromkeys(record["scan"][key] for record in records
+                                                   for key in ("image", "label") if key in record["scan"]))
+    (staging / STAMP_NAME).write_text(json.dumps(
+        {"format": STAMP_FORMAT, "kind": kind, "version": _SET_VERSIONS[kind], "arguments": arguments,
+         "files": files}, indent=1))
 
 
 def _read_stamp(out_dir: Path) -> dict | None:
@@ -644,10 +900,11 @@ def _read_stamp(out_dir: Path) -> dict | None:
     return stamp if isinstance(stamp, dict) and stamp.get("format") == STAMP_FORMAT else None
 
 
-def _complete_set(out_dir: Path, arguments: dict[str, Any]) -> Path | None:
-    """The manifest of `out_dir` when it holds every file of a set made with `arguments`, else None."""
+def _complete_set(out_dir: Path, kind: str, arguments: dict[str, Any]) -> Path | None:
+    """The manifest of `out_dir` when it holds every file of a `kind` set made with `arguments`, else None."""
     stamp = _read_stamp(out_dir)
-    if (stamp is None or stamp.get("version") != PHANTOM_VERSION or stamp.get("arguments") != arguments
+    if (stamp is None or stamp.get("kind", "phantoms") != kind or stamp.get("version") != _SET_VERSIONS[kind]
+            or stamp.get("arguments") != arguments
             or not all((out_dir / name).is_file() for name in stamp.get("files", []))):
         return None
     return out_dir / "manifest.json"

@@ -430,6 +430,18 @@ def preflight(datalist: Sequence[Mapping[str, Any]], max_bad_fraction: float = 0
                           f"or raise max_bad_fraction above {len(problems) / len(picked):.2f} to train on the rest.")
 
 
+def cached_dataset(entries: Sequence[Mapping[str, Any]], transform: mt.Compose, cache: str,
+                   folder: Path | None = None, num_cache_workers: int | None = None) -> Dataset:
+    """`entries` through `transform`, the deterministic part cached as `cache` says: "disk" (a PersistentDataset
+    in `folder`), "memory" (a CacheDataset that remembers failed volumes) or "none"."""
+    if cache == "disk":
+        folder.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(entries, transform, cache_dir=folder, hash_transform=json_hashing)
+    if cache == "memory":
+        return TolerantCacheDataset(entries, transform, num_workers=num_cache_workers, progress=False)
+    return Dataset(entries, transform)
+
+
 def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping], *,
                          region_size: int | Sequence[int] = (192, 192, 64), preset: str | None = None,
                          cache: str = "none", cache_dir: str | os.PathLike | None = None,
@@ -478,18 +490,36 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
         stored = compact_transforms(dtype, compression) if cache != "none" else []
         transform = mt.Compose(preset_transforms(preset_name, region_size) + stored
                                + region_transforms(region_size, cache_dtype=dtype, compression=compression))
-        if cache == "disk":
-            folder = Path(cache_dir) / cache_folder_name(preset_name, region_size, dtype, compression)
-            folder.mkdir(parents=True, exist_ok=True)
-            part = PersistentDataset(entries, transform, cache_dir=folder, hash_transform=json_hashing)
-        elif cache == "memory":
-            part = TolerantCacheDataset(entries, transform, num_workers=num_cache_workers, progress=False)
-        else:
-            part = Dataset(entries, transform)
-        parts.append(part)
+        folder = Path(cache_dir) / cache_folder_name(preset_name, region_size, dtype, compression) \
+            if cache == "disk" else None
+        parts.append(cached_dataset(entries, transform, cache, folder, num_cache_workers))
         ordered += entries
     dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     return SkipBadVolumes(dataset, ordered, bad_volumes=bad_volumes)
+
+
+def shard_for_rank(datalist: Sequence[Mapping[str, Any]], seed: int = 0, rank: int | None = None,
+                   world_size: int | None = None) -> list[dict]:
+    """This rank's share of the datalist under torchrun (the whole list otherwise): a seeded shuffle cut into
+    `world_size` equal parts (MONAI's `partition_dataset`, the last parts padded with repeats), so each rank reads,
+    preprocesses and caches only its own volumes — a memory cache takes 1/N of the host memory per rank. Each
+    rank then shuffles its part every epoch; volumes do not move between ranks (as with sharded web datasets)."""
+    from monai.data import partition_dataset
+
+    if world_size is None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    datalist = [dict(entry) for entry in datalist]
+    if world_size <= 1:
+        return datalist
+    if len(datalist) < world_size:
+        raise ConfigError(f"the manifest has {len(datalist)} training volumes for {world_size} ranks; add volumes or "
+                          f"set shard_manifest false.")
+    shard = partition_dataset(datalist, num_partitions=world_size, shuffle=True, seed=seed, even_divisible=True)[rank]
+    logger.info("rank %d of %d trains on its shard: %d of the %d volumes", rank, world_size, len(shard), len(datalist))
+    return shard
 
 
 def build_region_loader(source: str | os.PathLike | Mapping | Sequence[Mapping], *, batch_size: int = 2,
