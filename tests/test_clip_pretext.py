@@ -246,6 +246,11 @@ def test_padded_scans_do_not_change_the_study_embedding():
         torch.testing.assert_close(pretext.encode_studies(padded, scan_mask), plain, rtol=0, atol=1e-5)
         assert not torch.allclose(pretext.encode_studies(padded), plain, atol=1e-3)  # unmasked, the padding counts
         torch.testing.assert_close(plain.norm(dim=-1), torch.ones(2))
+        # a study of one scan: the same padded or not (it carries its scan-index embedding either way)
+        one_scan = studies[:, :1]
+        torch.testing.assert_close(pretext.encode_studies(torch.cat([one_scan, padding], dim=1),
+                                                          torch.tensor([[True, False, False]] * 2)),
+                                   pretext.encode_studies(one_scan), rtol=0, atol=1e-5)
 
     # A backbone without tokens (the Swin encoder): each valid scan alone, the study feature their mean.
     torch.manual_seed(0)
@@ -403,7 +408,7 @@ def test_evaluate_zero_shot_scores_every_study_and_restores_the_mode():
     assert pretext.training
     expected_keys = {f"metric/zero_shot/{name}/{metric}" for name in FINDINGS for metric in ("auc", "balanced_accuracy")}
     expected_keys |= {"metric/zero_shot/mean_auc", "metric/zero_shot/mean_balanced_accuracy"}
-    expected_keys |= {f"metric/retrieval/{direction}_recall@{k}" for direction in ("study_to_report", "report_to_study")
+    expected_keys |= {f"metric/retrieval/{direction}_recall_at_{k}" for direction in ("study_to_report", "report_to_study")
                       for k in (1, 2)}  # 4 studies: K = 5 skipped
     assert set(metrics) == expected_keys
 
@@ -419,7 +424,7 @@ def test_evaluate_zero_shot_scores_every_study_and_restores_the_mode():
     assert metrics["metric/zero_shot/pleural_effusion/balanced_accuracy"] == pytest.approx(accuracy[1].item())
     assert metrics["metric/zero_shot/mean_auc"] == pytest.approx(auc.nanmean().item())
     for k, recall in recall_at_k(reports, studies, (1, 2)).items():
-        assert metrics[f"metric/retrieval/report_to_study_recall@{k}"] == pytest.approx(recall)
-    assert metrics["metric/retrieval/study_to_report_recall@2"] >= metrics["metric/retrieval/study_to_report_recall@1"]
+        assert metrics[f"metric/retrieval/report_to_study_recall_at_{k}"] == pytest.approx(recall)
+    assert metrics["metric/retrieval/study_to_report_recall_at_2"] >= metrics["metric/retrieval/study_to_report_recall_at_1"]
     with pytest.raises(ConfigError, match="findings"):
         evaluate_zero_shot(pretext, batches, FINDINGS[:1], "cpu")

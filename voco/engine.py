@@ -62,6 +62,17 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+# Loader keys that stay on the host: counts the trainer adds up without a device sync.
+HOST_KEYS = ("skipped_volumes", "dropped_scans", "num_scans")
+
+
+def batch_to_device(batch: Mapping[str, Any], device: torch.device, non_blocking: bool = False) -> dict[str, Any]:
+    """The batch for the pretext: its tensors on `device` (regions, studies, scan masks, findings), other values
+    (report texts, ids) as they are, host counters left out."""
+    return {key: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items() if key not in HOST_KEYS}
+
+
 def scalars(output: Mapping[str, Any]) -> dict[str, float]:
     """Python floats of the scalar entries of a step's output (one host sync; call only when logging)."""
     values = {}
@@ -355,9 +366,9 @@ class PretextTrainer(Trainer):
     def _iteration(self, engine: Engine, batch: Mapping[str, Any]) -> list[dict]:
         pretext = self.network
         pretext.train()
-        images = batch["image"].to(self.device, non_blocking=self.non_blocking)
+        inputs = batch_to_device(batch, self.device, self.non_blocking)
         with autocast(self.device, self.precision):
-            output = pretext({"image": images})
+            output = pretext(inputs)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss = output["loss"]
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -370,7 +381,7 @@ class PretextTrainer(Trainer):
             engine.state.skipped_volumes += int(batch["skipped_volumes"].sum())
         result = {key: value.detach() if isinstance(value, torch.Tensor) else value for key, value in output.items()}
         result["lr"] = self.optimizer.param_groups[0]["lr"]
-        result["volumes"] = images.shape[0]
+        result["volumes"] = inputs["image"].shape[0]  # regions, or studies
         return [result]
 
     def _optimizer_step(self, engine: Engine, loss: torch.Tensor) -> torch.Tensor:
@@ -489,11 +500,16 @@ class PretextValidation:
     and leaves the training's random generators where they were.
     Under torchrun every rank validates the same volumes (in step, as DistributedDataParallel needs); rank 0 prints
     and logs.
+
+    ``evaluate`` (optional): ``evaluate(pretext, data_loader, device=...) -> {"metric/...": value}`` over the whole
+    held-out set, run by rank 0 on the unwrapped pretext after the batches (e.g. CLIP's zero-shot classification and
+    retrieval, `voco.pretext.zero_shot.evaluate_zero_shot`); its metrics are logged as ``val/<name>`` too.
     """
 
     def __init__(self, data_loader: Iterable, interval: int = 100, max_batches: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, evaluate: Callable[..., Mapping[str, float]] | None = None) -> None:
         self.data_loader, self.interval, self.max_batches, self.seed = data_loader, max(1, int(interval)), max_batches, seed
+        self.evaluate = evaluate
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
@@ -517,9 +533,8 @@ class PretextValidation:
                 for index, batch in enumerate(self.data_loader):
                     if self.max_batches is not None and index >= self.max_batches:
                         break
-                    images = batch["image"].to(engine.device, non_blocking=True)
                     with autocast(engine.device, getattr(engine, "precision", "fp32")):
-                        output = pretext({"image": images})
+                        output = pretext(batch_to_device(batch, engine.device, non_blocking=True))
                     for key, value in scalars(output).items():
                         sums[key] = sums.get(key, 0.0) + value
                     batches += 1
@@ -531,6 +546,10 @@ class PretextValidation:
                       f"volumes or raise validation_fraction.", flush=True)
             return {}
         metrics = {f"val/{key}": value / batches for key, value in sums.items() if key.startswith(("loss", "metric/"))}
+        if self.evaluate is not None and _rank() == 0:
+            with unchanged_random_state(pretext, self.data_loader):
+                evaluated = self.evaluate(getattr(pretext, "module", pretext), self.data_loader, device=engine.device)
+            metrics.update({f"val/{key}": float(value) for key, value in evaluated.items()})
         engine.state.metrics.update(metrics)
         if _rank() == 0:
             print(f"validation at step {engine.state.iteration}: " +
@@ -561,7 +580,7 @@ class ViewsPicture:
             batch = next(iter(self.data_loader))
             pretext.eval()
             try:
-                views = pretext.views({"image": batch["image"].to(engine.device)})
+                views = pretext.views(batch_to_device(batch, engine.device))
             finally:
                 pretext.train()
         draw = self.draw or getattr(pretext, "save_views_picture")

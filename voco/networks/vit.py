@@ -348,7 +348,8 @@ class ViTEncoder(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, X, Y, Z]`` or studies ``[B, N, C, X, Y, Z]`` -> tokens ``[B, N, d, h, w, hidden]`` with
-        position (and, for N > 1, scan-index) embeddings added."""
+        position (and, for studies, scan-index) embeddings added."""
+        study = images.ndim == 6  # studies get scan-index embeddings, also of one scan (padding must not change it)
         if images.ndim == 5:
             images = images[:, None]
         if images.ndim != 6 or images.shape[2] != self.in_channels:
@@ -359,7 +360,7 @@ class ViTEncoder(nn.Module):
         tokens = self.patch_embedding.patch_embeddings(images.flatten(0, 1))  # [B N, C, d, h, w]
         tokens = tokens.permute(0, 2, 3, 4, 1).reshape(batch, scans, *grid, self.hidden_size)
         tokens = tokens + self.position_table(grid).to(tokens.dtype).view(1, 1, *grid, self.hidden_size)
-        if scans > 1:
+        if study:
             if scans > self.max_scans:
                 raise ConfigError(f"a study has {scans} scans but the encoder's max_scans is {self.max_scans}; "
                                   "raise max_scans.")

@@ -161,7 +161,8 @@ def evaluate_zero_shot(pretext: CLIPPretext, data_loader: Iterable, finding_name
 
     Returns ``metric/zero_shot/<finding>/auc``, ``metric/zero_shot/<finding>/balanced_accuracy``,
     ``metric/zero_shot/mean_auc``, ``metric/zero_shot/mean_balanced_accuracy`` (means over findings, NaN skipped),
-    ``metric/retrieval/study_to_report_recall@<k>`` and ``metric/retrieval/report_to_study_recall@<k>``.
+    ``metric/retrieval/study_to_report_recall_at_<k>`` and ``metric/retrieval/report_to_study_recall_at_<k>`` (Recall@K;
+    MLflow metric names cannot hold an "@").
     """
     was_training = pretext.training
     pretext.eval()
@@ -198,5 +199,5 @@ def evaluate_zero_shot(pretext: CLIPPretext, data_loader: Iterable, finding_name
     for direction, (query, candidates) in {"study_to_report": (studies, reports),
                                            "report_to_study": (reports, studies)}.items():
         for k, recall in recall_at_k(query, candidates, ks).items():
-            metrics[f"metric/retrieval/{direction}_recall@{k}"] = recall
+            metrics[f"metric/retrieval/{direction}_recall_at_{k}"] = recall
     return metrics
