@@ -89,3 +89,15 @@ def test_simmim_on_the_swin_encoder_with_torchrun_on_cpu(tmp_path):
     assert runs[0].data.metrics["metric/mask_ratio"] == 0.5
     state_names = {path.name for path in (tmp_path / "runs" / "swin-simmim" / "checkpoints").glob("*.pt")}
     assert "checkpoint_final.pt" in state_names
+
+
+def test_the_compile_switch_trains_the_same_parameters(tmp_path):
+    """`--compile true` (here with the aot_eager backend: dynamo traces each ViT block, no code generation on a
+    CPU): the run finishes and its checkpoint has the parameter names of an uncompiled run."""
+    from voco.checkpoints import read_checkpoint
+
+    result = run_bundle(tmp_path, "--compile", "true", "--compile_backend", "aot_eager", "--run_name", "compiled")
+    assert "step 4/4" in result.stdout
+    state = read_checkpoint(tmp_path / "runs" / "compiled" / "checkpoints" / "checkpoint_final.pt")
+    assert not any("_orig_mod" in key for key in state["pretext"])
+    assert "backbone.blocks.0.attn.qkv.weight" in state["pretext"]

@@ -139,3 +139,24 @@ def test_momentum_schedules():
         EMATeacher(nn.Linear(2, 2), schedule="cosine")
     with pytest.raises(ConfigError, match="momentum schedule"):
         EMATeacher(nn.Linear(2, 2), schedule="linear")
+
+
+def test_a_compiled_backbone_computes_the_same_and_keeps_its_parameter_names():
+    """`compile_backbone` (each ViT block / the whole Swin) traced by dynamo (aot_eager: no code generation on CPU)."""
+    import torch
+
+    from voco.networks import build_backbone, compile_backbone
+
+    torch.manual_seed(0)
+    eager = build_backbone("vit", "tiny", input_size=[16, 16, 16], patch_size=8, layout="window", window_size=1)
+    compiled = build_backbone("vit", "tiny", input_size=[16, 16, 16], patch_size=8, layout="window", window_size=1)
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_backbone(compiled, backend="aot_eager") is compiled
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    images = torch.rand(2, 1, 16, 16, 16)
+    for model in (eager, compiled):
+        model(images).square().sum().backward()
+    torch.testing.assert_close(compiled(images), eager(images), rtol=0, atol=1e-5)
+    for (name, parameter), (_, reference) in zip(compiled.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert compile_backbone(eager, enabled=False) is eager and eager.blocks[0]._compiled_call_impl is None

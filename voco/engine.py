@@ -67,10 +67,15 @@ HOST_KEYS = ("skipped_volumes", "dropped_scans", "num_scans")
 
 
 def batch_to_device(batch: Mapping[str, Any], device: torch.device, non_blocking: bool = False) -> dict[str, Any]:
-    """The batch for the pretext: its tensors on `device` (regions, studies, scan masks, findings), other values
-    (report texts, ids) as they are, host counters left out."""
-    return {key: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+    """The batch for the pretext: its tensors on `device` as plain tensors (regions, studies, scan masks, findings),
+    other values (report texts, ids) as they are, host counters left out."""
+    return {key: _plain(value).to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items() if key not in HOST_KEYS}
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor (no metadata to carry through every op, and compiled code needs it)."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
 
 
 def scalars(output: Mapping[str, Any]) -> dict[str, float]:

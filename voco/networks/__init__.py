@@ -39,5 +39,23 @@ def build_backbone(name: str = "swin", size: str | int = "B", in_channels: int =
     raise ConfigError(f"unknown backbone {name!r}; use one of {', '.join(BACKBONES)}.")
 
 
-__all__ = ["BACKBONES", "BACKBONE_SIZES", "VIT_SIZES", "build_backbone", "SwinEncoder", "ViTEncoder", "VoCoProjector",
+def compile_backbone(backbone: nn.Module, enabled: bool = True, backend: str = "inductor",
+                     mode: str | None = None) -> nn.Module:
+    """`torch.compile` a backbone in place, where the pretexts spend their time: each transformer block of a ViT
+    (the pretexts call its ``embed``/``encode``/``forward_tokens``, not only ``forward``; every block of a layout sees
+    the same shapes), the whole module otherwise (the Swin encoder, which VoCo calls as ``backbone(x)``).
+
+    ``nn.Module.compile`` keeps parameter names, so checkpoints, resume and export are unchanged. Inputs must be
+    plain tensors (the engine strips MONAI's MetaTensor: compiled code breaks on batched metadata). ``backend``:
+    ``"inductor"`` (kernels; GPU) or ``"aot_eager"`` (traces without generating code; for checking on a CPU).
+    """
+    if not enabled:
+        return backbone
+    modules = list(backbone.blocks) if isinstance(getattr(backbone, "blocks", None), nn.ModuleList) else [backbone]
+    for module in modules:
+        module.compile(backend=backend, mode=mode)
+    return backbone
+
+
+__all__ = ["compile_backbone", "BACKBONES", "BACKBONE_SIZES", "VIT_SIZES", "build_backbone", "SwinEncoder", "ViTEncoder", "VoCoProjector",
            "EMATeacher", "cosine_momentum", "swin_feature_size", "vit_spec"]
