@@ -358,7 +358,8 @@ def measure_bundle(bundle: str, arguments: argparse.Namespace) -> dict:
     # Training step: the bundle's trainer at the chosen model size, over the compact disk cache.
     step_config = bundle_config(bundle, arguments.size, {
         **common, "num_workers": workers, "max_steps": arguments.warmup + arguments.steps, "train#handlers": [],
-        **({"batch_size": arguments.batch} if arguments.batch else {})})
+        "compile": arguments.compile, **({"batch_size": arguments.batch} if arguments.batch else {})})
+    result["compile"] = arguments.compile
     result["step_region_size"] = list(step_config.get_parsed_content("region_size"))
     result["step"] = measure_steps(step_config, arguments.steps, arguments.warmup, device)
     if arguments.peak_tflops and result["step"]["tflops_per_s"]:
@@ -450,6 +451,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the bundle's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size of the step (default: the bundle's)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the backbone as the bundles' --compile true does (raise --warmup: the "
+                             "first steps compile)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 matrix rate, to report the share of it a step achieves "
