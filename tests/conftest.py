@@ -52,6 +52,22 @@ def smoke_run_with_mlflow(bundle: str, cwd: Path, *overrides: str):
     return tracking_uri, result
 
 
+def torchrun_smoke_run(bundle: str, cwd: Path, run_name: str, *overrides: str):
+    """The bundle's train + smoke + multi-GPU configs under `torchrun --standalone --nproc_per_node 2` on CPU
+    (gloo), tracked into ``cwd/runs/mlflow.db`` as `run_name` -> (tracking_uri, result)."""
+    import sys
+
+    tracking_uri = f"sqlite:///{cwd}/runs/mlflow.db"
+    (cwd / "tmp").mkdir(exist_ok=True)  # torchrun's and the ranks' temporary files stay in the test's folder
+    environment = dict(os.environ, TMPDIR=str(cwd / "tmp"), OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = run_bundle_command(bundle, ["train.json", "smoke.json", "multi_gpu_train.json"], cwd, "--tracking",
+                                "mlflow", "--tracking_uri", tracking_uri, "--run_name", run_name, *overrides,
+                                launcher=[str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"],
+                                env=environment)
+    return tracking_uri, result
+
+
 def only_finished_run(tracking_uri: str, experiment_name: str, run_name: str = "smoke"):
     """The one MLflow run of an experiment, asserted to be named ``run_name`` and FINISHED -> (client, run)."""
     import mlflow

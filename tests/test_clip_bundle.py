@@ -4,12 +4,9 @@ checkpoints the model can be rebuilt from, resume, export of the ViT encoder, an
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow
+from conftest import (assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow,
+                      torchrun_smoke_run)
 
 FINDINGS = ("kidney_lesion", "liver_lesion", "splenomegaly")
 
@@ -67,15 +64,7 @@ def test_the_checkpoint_rebuilds_the_model_resumes_and_exports_the_vit(smoke_run
 
 def test_two_ranks_with_torchrun_gather_negatives_into_one_run(tmp_path):
     """`torchrun --nproc_per_node 2` with the multi-GPU overrides on CPU (gloo): gathered negatives, one MLflow run."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
-    (tmp_path / "tmp").mkdir()
-    environment = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
-    result = run_bundle_command("clip_pretrain", ["train.json", "smoke.json", "multi_gpu_train.json"], tmp_path,
-                                "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "two-ranks",
-                                "--batch_size", "2",
-                                launcher=[str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"],
-                                env=environment)
+    tracking_uri, result = torchrun_smoke_run("clip_pretrain", tmp_path, "two-ranks", "--batch_size", "2")
     assert result.stdout.count("step 4/4") == 1  # rank 0 prints
     client, run = only_finished_run(tracking_uri, "clip_pretrain", "two-ranks")
     assert "val/metric/zero_shot/mean_auc" in run.data.metrics

@@ -4,13 +4,12 @@ SimMIM on the Swin encoder under torchrun."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow
+from conftest import (assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow,
+                      torchrun_smoke_run)
 
 
 def run_bundle(cwd: Path, *overrides: str, **options) -> subprocess.CompletedProcess:
@@ -72,16 +71,10 @@ def test_simmim_on_the_swin_encoder_with_torchrun_on_cpu(tmp_path):
     the Swin's shallower encoder blocks get no gradient, which DDP is told about."""
     import mlflow
 
-    torchrun = Path(sys.executable).parent / "torchrun"
-    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
-    (tmp_path / "tmp").mkdir()
-    environment = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
-    result = run_bundle_command(
-        "mae_pretrain", ["train.json", "smoke.json", "multi_gpu_train.json"], tmp_path,
-        "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "swin-simmim",
+    tracking_uri, result = torchrun_smoke_run(
+        "mae_pretrain", tmp_path, "swin-simmim",
         "--variant", "simmim", "--mask_type", "block", "--mask_ratio", "0.5", "--region_size", "[32,32,64]",
-        "--backbone", "{'name': 'swin', 'size': 'tiny', 'in_channels': 1, 'window_size': 2}",
-        launcher=[str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"], env=environment)
+        "--backbone", "{'name': 'swin', 'size': 'tiny', 'in_channels': 1, 'window_size': 2}")
     assert result.stdout.count("step 4/4") == 1  # progress from rank 0 only
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("mae_pretrain").experiment_id])

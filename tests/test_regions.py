@@ -134,7 +134,7 @@ def test_bad_settings_are_refused():
         build_region_dataset([{"image": "x.nii.gz"}], bad_volumes="ignore")
     with pytest.raises(ConfigError, match="preset"):
         build_region_dataset([{"image": "x.nii.gz", "preset": "ct_brain"}])
-    assert set(PRESETS) == {"ct_abdomen", "ct_chest", "ct_resize", "mr_zscore"}
+    assert set(PRESETS) == {"ct_abdomen", "ct_chest", "ct_resize", "mr_zscore", "ct_rate"}
 
 
 def test_the_manifest_is_sharded_into_equal_disjoint_parts_per_rank():

@@ -109,7 +109,9 @@ def test_every_reference_row_is_carried_over_exactly(registry, spec_rows):
         assert task.provenance["reference_metric"] == row["metric"], where
         assert set(row["notes"]) <= set(task.notes), where
         incomplete = any(row[key] is None for key in ("roi_size", "in_channels", "out_channels", "intensity"))
-        if (incomplete and row["task_type"] != "registration") or row["task_type"] == "vision-language":
+        runs_in_voco = row["id"] in ("ct-rate-vocab-cls", "ct-rate-retrieval")  # voco.benchmark.vision_language
+        if not runs_in_voco and ((incomplete and row["task_type"] != "registration")
+                                 or row["task_type"] == "vision-language"):
             assert not task.runnable and any(note.startswith("not runnable") or "language-image" in note
                                              for note in task.notes), where
     for task_id in ("flare23", "verse20", "autopet-ii23"):
@@ -125,10 +127,14 @@ def test_registration_and_vision_language_rows_follow_the_brief(registry):
         assert any("placeholders" in note for note in task.notes)
         assert task.runnable and task.datalist_file == f"{task_id}.json"
         assert {"class_names", "out_channels", "intensity", "datalist.file"} <= set(task.provenance["voco_choices"])
-    for task_id in ("ctrg-chest-report-gen", "ct-rate-vocab-cls", "ct-rate-retrieval"):
+    report_generation = registry["ctrg-chest-report-gen"]
+    assert report_generation.task_type == "vision-language" and not report_generation.runnable
+    assert "run by the language-image issue" in report_generation.notes
+    for task_id in ("ct-rate-vocab-cls", "ct-rate-retrieval"):  # the CT-RATE layout: no datalist file
         task = registry[task_id]
-        assert task.task_type == "vision-language" and not task.runnable
-        assert "run by the language-image issue" in task.notes
+        assert task.task_type == "vision-language" and task.runnable and task.datalist_file is None
+        assert any(note.startswith("run by voco.benchmark.vision_language") for note in task.notes)
+        assert (task.intensity.a_min, task.intensity.a_max, task.intensity.b_min) == (-1000.0, 200.0, 0.0)
 
 
 def test_phantom_tasks_match_the_phantom_generator(registry):

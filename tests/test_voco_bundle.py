@@ -4,11 +4,11 @@ phantoms it generates itself, MLflow tracking into an embedded store, checkpoint
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow
+from conftest import (assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow,
+                      torchrun_smoke_run)
 
 
 
@@ -68,18 +68,9 @@ def test_checkpoints_resume_and_export(smoke_run, tmp_path):
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """`torchrun --nproc_per_node 2` with the multi-GPU overrides on CPU (gloo): one MLflow run, one checkpoint set."""
-    import os
-
     import mlflow
 
-    torchrun = Path(sys.executable).parent / "torchrun"
-    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
-    (tmp_path / "tmp").mkdir()
-    environment = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
-    result = run_bundle_command("voco_pretrain", ["train.json", "smoke.json", "multi_gpu_train.json"], tmp_path,
-                                "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "two-ranks",
-                                launcher=[str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"],
-                                env=environment)
+    tracking_uri, result = torchrun_smoke_run("voco_pretrain", tmp_path, "two-ranks")
     assert result.stdout.count("step 4/4") == 1  # progress from rank 0 only
     log = result.stdout + result.stderr  # each rank reads only its part of the 3 training phantoms (one repeated)
     assert all(f"rank {rank} of 2 trains on its shard: 2 of the 3 volumes" in log for rank in (0, 1))

@@ -1,4 +1,5 @@
-"""The `voco` command (python-fire): demo, synth, manifest build/check/stats, regions, export.
+"""The `voco` command (python-fire): demo, synth, manifest build/reports/ct_rate/check/stats, regions, export,
+benchmark list/check/run/report.
 
 Every sub-command catches the errors a user can cause and prints them as one sentence (exit code 2);
 nothing imports this module.
@@ -44,6 +45,53 @@ class ManifestCommands:
         count = len(to_datalist(load_manifest(path)))
         print(f"wrote {path}: {count} scans, {len(problems)} skipped, in {time.perf_counter() - start:.1f} s")
 
+    def reports(self, manifest: str, csv: str, output: str | None = None, id_column: str | None = None,
+                report_columns=None, finding_columns=None) -> None:
+        """Attach the reports and findings of the table CSV to the studies of MANIFEST and write it (atomically) to
+        OUTPUT (default: MANIFEST itself).
+
+        Rows match a study by --id_column (default: the first column): a study id, a subject id or an image file
+        name (CT-RATE's VolumeName). --report_columns Findings_EN,Impressions_EN (default: the columns named like
+        findings, impression, report, conclusion) become the report; --finding_columns A,B (default: the columns
+        of only 0/1 or true/false values) its findings.
+        """
+        import os
+
+        from voco.benchmark.runs import parse_list
+        from voco.data.manifest import FINDINGS_KEY, resolve_root, save_manifest
+        from voco.data.studies import attach_reports
+
+        source = Path(manifest).expanduser().resolve()
+        target = Path(output).expanduser().resolve() if output else source
+        reported = attach_reports(source, csv, id_column=id_column,
+                                  report_columns=parse_list(report_columns) if report_columns is not None else None,
+                                  finding_columns=parse_list(finding_columns) if finding_columns is not None else None)
+        if target.parent != source.parent:  # image paths stay relative to the same folder, from the new place
+            reported["dataset_dir"] = Path(os.path.relpath(resolve_root(reported), target.parent)).as_posix()
+        save_manifest(reported, target)
+        studies = [study for dataset in reported["datasets"] for subject in dataset["subjects"]
+                   for study in subject["studies"]]
+        print(f"wrote {target}: {sum(bool(study.get('report')) for study in studies)} of {len(studies)} studies "
+              f"with a report, {sum(bool(study.get(FINDINGS_KEY)) for study in studies)} with findings")
+
+    def ct_rate(self, directory: str, output: str = "ct_rate_manifest.json", splits="training,validation",
+                unit: str = "study", labels: bool = True) -> None:
+        """Build the manifest of a CT-RATE copy in DIRECTORY (its dataset/{train,valid}/<patient>/<study>/*.nii.gz,
+        radiology_text_reports/*.csv and multi_abnormality_labels/*.csv): one study per study folder (--unit volume:
+        per volume) with its report and, with --labels (default), the 18 abnormality findings; scans carry their
+        split. --splits validation reads the validation part only."""
+        from voco.benchmark.registry import get_task
+        from voco.benchmark.runs import parse_list
+        from voco.benchmark.vision_language import build_ct_rate_manifest
+        from voco.data.manifest import to_datalist
+        from voco.data.studies import group_studies
+
+        names = get_task("ct-rate-vocab-cls").class_names if labels else ()
+        manifest = build_ct_rate_manifest(directory, splits=parse_list(splits), unit=unit, finding_names=names,
+                                          output=output)
+        datalist = to_datalist(manifest)
+        print(f"wrote {Path(output).resolve()}: {len(group_studies(datalist))} studies, {len(datalist)} volumes")
+
     def check(self, manifest: str, dataset_dir: str | None = None, voxels: bool = True) -> None:
         """Validate every entry of MANIFEST (readable, 3-D, not empty, finite spacing and voxels); exit 1 on problems."""
         from voco.data.folder import check_manifest, format_problem_table
@@ -70,7 +118,8 @@ class BenchmarkCommands:
         print(format_task_table(task_rows(task_type=task_type, modality=modality)))
 
     def check(self, task: str, dataset_dir: str, voxels: bool = True) -> None:
-        """Verify that DATASET_DIR holds a complete, readable copy of TASK (its datalist, images, labels); exit 1 if not."""
+        """Verify that DATASET_DIR holds a complete, readable copy of TASK (its datalist, images, labels; for the
+        CT-RATE tasks the volumes and the report / label tables); exit 1 if not."""
         from voco.benchmark.registry import check_task_dataset, get_task
         from voco.data.folder import format_problem_table
 
@@ -83,7 +132,7 @@ class BenchmarkCommands:
             training_cases: int | None = None, max_epochs: int | None = None, size: str | None = None,
             backbone: str = "swin", modes=None, val_interval: int | None = None,
             tracking_uri: str | None = None, vit_layout: str | None = None,
-            vit_window_size: int | None = None) -> None:
+            vit_window_size: int | None = None, learning_rate: float | None = None) -> None:
         """Fine-tune every task from every encoder with every seed; finished cells are skipped (resumable).
 
         --tasks btcv,msd-task09-spleen --pretrained a.pt,b.pt,scratch --seeds 0,1,2
@@ -92,6 +141,10 @@ class BenchmarkCommands:
         --modes finetune,frozen,linear_probe (how each checkpoint is used; default finetune).
         --size B (default; tiny with --config smoke) --training_cases N (few-label setting) --max_epochs N.
         --backbone vit --vit_layout window --vit_window_size 3: a ViT encoder, with its pretraining's attention layout.
+        --learning_rate: another learning rate than the configuration's.
+        ct-rate-retrieval, ct-rate-vocab-cls: --pretrained a CLIP checkpoint of bundles/clip_pretrain, --dataset_dir
+        the CT-RATE copy; modes zero_shot (retrieval, zero-shot classification) and finetune (vocabulary
+        fine-tuning), both by default for ct-rate-vocab-cls; backbone and size come from the checkpoint.
         Each cell is an MLflow run in experiment benchmark-<task>; exit 1 if a cell failed.
         """
         from voco.benchmark.runs import parse_dataset_dirs, parse_list, plan_grid, run_grid
@@ -107,9 +160,10 @@ class BenchmarkCommands:
                           modes=parse_list(modes) or None, backbone=backbone, size=size,
                           training_cases=training_cases)
         overrides = {key: value for key, value in (("max_epochs", max_epochs), ("val_interval", val_interval),
-                                                   ("vit_layout", vit_layout), ("vit_window_size", vit_window_size))
+                                                   ("vit_layout", vit_layout), ("vit_window_size", vit_window_size),
+                                                   ("learning_rate", learning_rate))
                      if value is not None}
-        print(f"benchmark grid: {len(cells)} fine-tuning run{'' if len(cells) == 1 else 's'}")
+        print(f"benchmark grid: {len(cells)} run{'' if len(cells) == 1 else 's'}")
         rows = run_grid(cells, dataset_dirs=parse_dataset_dirs(dataset_dir), tracking_uri=tracking_uri,
                         config_files=config_files, overrides=overrides)
         print("see the results with `voco benchmark report`")
@@ -132,7 +186,7 @@ class BenchmarkCommands:
         summary = summarize(rows)
         paths = write_report(summary, out)
         print(format_markdown(summary), end="")
-        print(f"{len(rows)} runs; wrote {', '.join(str(path) for path in paths.values())}")
+        print(f"{len({row['run_id'] for row in rows})} runs; wrote {', '.join(str(path) for path in paths.values())}")
 
 
 class VocoCommands:
@@ -142,11 +196,16 @@ class VocoCommands:
         self.manifest = ManifestCommands()
         self.benchmark = BenchmarkCommands()
 
-    def synth(self, out: str, n: int = 20, seed: int = 0) -> None:
-        """Write N synthetic CT phantoms (NIfTI, HU, label maps, reports) and their manifest into OUT."""
-        from voco.data.phantoms import synthesize
+    def synth(self, out: str, n: int = 20, seed: int = 0, studies: int | None = None) -> None:
+        """Write N synthetic CT phantoms (NIfTI, HU, label maps, reports) and their manifest into OUT; --studies N
+        writes N phantom studies instead (1-4 series of one body each, one report and findings per study)."""
+        from voco.data.phantoms import synthesize, synthesize_studies
 
         start = time.perf_counter()
+        if studies is not None:
+            manifest = synthesize_studies(out, n=studies, seed=seed)
+            print(f"wrote {studies} phantom studies and {manifest} in {time.perf_counter() - start:.1f} s")
+            return
         manifest = synthesize(out, n=n, seed=seed)
         print(f"wrote {n} phantoms and {manifest} in {time.perf_counter() - start:.1f} s")
 

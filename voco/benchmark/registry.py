@@ -255,9 +255,14 @@ def _task_from_entry(entry: Any, where: str) -> Task:
             if not _is_number(number):
                 checker.fail(f"reference_results.values.{method}", f"must be a number, not {number!r}")
     if entry["runnable"]:
-        missing = [key for key in RUNNABLE_NEEDS if entry[key] is None]
-        missing += [key for key in ("class_names", "metrics") if not entry[key]]
-        missing += ["datalist.file"] if entry["datalist"]["file"] is None else []
+        # a vision-language task reads its dataset's own layout (CT-RATE: folders and CSV tables, no datalist) and
+        # predicts no channels; retrieval has no classes
+        vision_language = entry["task_type"] == "vision-language"
+        needs = [key for key in RUNNABLE_NEEDS if not (vision_language and key == "out_channels")]
+        missing = [key for key in needs if entry[key] is None]
+        missing += [key for key in ("class_names", "metrics") if not entry[key]
+                    and not (vision_language and key == "class_names")]
+        missing += ["datalist.file"] if entry["datalist"]["file"] is None and not vision_language else []
         if missing:
             checker.fail(missing[0], "is not given but the task is runnable",
                          "give it, or set runnable to false and say why in notes")
@@ -564,12 +569,17 @@ def check_task_dataset(task: Task, dataset_dir: str | os.PathLike, *, read_voxel
     with `in_channels` channels), a label map has its image's shape and, for segmentation with `read_voxels`, only
     values 0..num_classes (or the raw values the reference remaps); a classification entry's label is a class index
     (or a 0/1 list per class); a registration entry has a moving and a fixed image (`registration_keys`), each with
-    an optional label map.
+    an optional label map. A vision-language task's copy is checked in its own layout instead
+    (`voco.benchmark.vision_language.check_ct_rate_copy`).
 
     Returns:
         rows {"entry": "training[3]" | "datalist" | "dataset", "path", "problem"}, empty when all is well; the
         list's `scans` attribute is the number of entries checked (for `voco.data.folder.format_problem_table`).
     """
+    if task.task_type == "vision-language":  # the dataset's own layout (CT-RATE), checked by its module
+        from voco.benchmark.vision_language import check_ct_rate_copy
+
+        return check_ct_rate_copy(task, dataset_dir, read_voxels=read_voxels)
     rows = ProblemRows()
     root = Path(dataset_dir).expanduser().resolve()
     if not root.is_dir():

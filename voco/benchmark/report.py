@@ -12,6 +12,7 @@ import csv
 import io
 import math
 import os
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -44,7 +45,9 @@ def collect_results(tracking_uri: str | None = None, tasks: Iterable[str] | None
 
     Returns:
         rows {"task", "encoder", "mode", "backbone", "size", "seed", "training_cases", "key_metric", "best",
-        "max_epochs", "run_name", "run_id", "start_time"}, oldest run first; `best` in [0, 1] as logged.
+        "max_epochs", "run_name", "run_id", "start_time"}, oldest run first; `best` in [0, 1] as logged. A run that
+        lists several metrics in its tag ``voco.report_metrics`` (the vision-language tasks: Recall@K, mean AUC,
+        ...) gives one row per metric it holds a ``best/`` value of.
     """
     from voco.benchmark.runs import EXPERIMENT_PREFIX, finished_runs
 
@@ -59,21 +62,23 @@ def collect_results(tracking_uri: str | None = None, tasks: Iterable[str] | None
         key = tags.get("voco.key_metric")
         if key is None or f"best/{key}" not in metrics:
             key = next(name for name in sorted(metrics) if name.startswith("best/"))[len("best/"):]
-        rows.append({
-            "task": tags.get("voco.task", "?"),
-            "encoder": tags.get("voco.encoder", "?"),
-            "mode": tags.get("voco.mode", "?"),
-            "backbone": tags.get("voco.backbone", "?"),
-            "size": tags.get("voco.size", "?"),
-            "seed": _optional_int(tags.get("voco.seed")),
-            "training_cases": _optional_int(tags.get("voco.training_cases")),
-            "key_metric": key,
-            "best": float(metrics[f"best/{key}"]),
-            "max_epochs": _optional_int(tags.get("voco.max_epochs")),
-            "run_name": run.info.run_name,
-            "run_id": run.info.run_id,
-            "start_time": run.info.start_time,
-        })
+        reported = [name for name in tags.get("voco.report_metrics", "").split(",") if f"best/{name}" in metrics]
+        for name in reported or [key]:
+            rows.append({
+                "task": tags.get("voco.task", "?"),
+                "encoder": tags.get("voco.encoder", "?"),
+                "mode": tags.get("voco.mode", "?"),
+                "backbone": tags.get("voco.backbone", "?"),
+                "size": tags.get("voco.size", "?"),
+                "seed": _optional_int(tags.get("voco.seed")),
+                "training_cases": _optional_int(tags.get("voco.training_cases")),
+                "key_metric": name,
+                "best": float(metrics[f"best/{name}"]),
+                "max_epochs": _optional_int(tags.get("voco.max_epochs")),
+                "run_name": run.info.run_name,
+                "run_id": run.info.run_id,
+                "start_time": run.info.start_time,
+            })
     return rows
 
 
@@ -152,13 +157,35 @@ def _number(value: float | None, digits: int = 2, signed: bool = False) -> str:
 
 
 def metric_label(key_metric: str) -> str:
-    """``metric/dice`` -> ``Dice``; ``metric/auc`` -> ``AUC``."""
-    name = str(key_metric).split("/")[-1]
-    return {"dice": "Dice", "auc": "AUC"}.get(name, name)
+    """``metric/dice`` -> ``Dice``; ``metric/auc`` -> ``AUC``; ``metric/zero_shot/mean_auc`` -> ``zero-shot mean
+    AUC``; ``metric/retrieval/report_to_study_recall_at_50`` -> ``report->study Recall@50``."""
+    parts = str(key_metric).split("/")
+    name = parts[-1]
+    recall = re.fullmatch(r"([a-z]+)_to_([a-z]+)_recall_at_(\d+)", name)
+    if recall:
+        return f"{recall[1]}->{recall[2]} Recall@{recall[3]}"
+    words = {"dice": "Dice", "auc": "AUC"}.get(name) or name.replace("_", " ").replace("auc", "AUC")
+    family = {"zero_shot": "zero-shot ", "vocab_finetune": "VocabFine "}.get(parts[1] if len(parts) > 2 else "", "")
+    return family + words
+
+
+def _reference_text(row: Mapping[str, Any]) -> str:
+    """The published number; "n/a" where the reference publishes none for the task, "-" where its number is of
+    another metric than ours."""
+    if row["reference"] is not None:
+        return _number(row["reference"])
+    from voco.benchmark.registry import get_task, reference_number
+
+    try:
+        published = reference_number(get_task(str(row["task"]))) is not None
+    except ConfigError:
+        published = True  # a task this registry does not know: nothing to say about its publications
+    return "-" if published else "n/a"
 
 
 def format_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
-    """The summary as a markdown table: ours (mean ± std over seeds, %) beside the published number."""
+    """The summary as a markdown table: ours (mean ± std over seeds, %) beside the published number ("n/a" where
+    the reference publishes none for the task)."""
     header = ["task", "encoder", "mode", "backbone", "training cases", "metric", "seeds", "ours (%)",
               "reference (%)", "reference method", "ours - reference"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 5 + ["---", "---:", "---:", "---:", "---",
@@ -167,7 +194,7 @@ def format_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         ours = _number(row["mean"]) + ("" if row["std"] is None else f" ± {_number(row['std'])}")
         cells = [row["task"], row["encoder"], row["mode"], f"{row['backbone']}-{row['size']}",
                  "all" if row["training_cases"] is None else str(row["training_cases"]),
-                 metric_label(row["key_metric"]), str(row["n"]), ours, _number(row["reference"]),
+                 metric_label(row["key_metric"]), str(row["n"]), ours, _reference_text(row),
                  row["reference_method"] or "-", _number(row["difference"], signed=True)]
         lines.append("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -197,21 +224,24 @@ def _series_label(row: Mapping[str, Any], varying: Sequence[str]) -> str:
 
 
 def draw_chart(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """A grouped bar chart as PNG: tasks on x, one bar per encoder/mode (mean over seeds, std error bars), the
-    published number of each task as a black marker."""
+    """A grouped bar chart as PNG: tasks on x (one group per task and metric where a task reports several, as the
+    vision-language tasks do), one bar per encoder/mode (mean over seeds, std error bars), the published number of
+    each task as a black marker."""
     figure_module = optional_import("matplotlib.figure", "drawing the benchmark chart")
-    tasks = list(dict.fromkeys(row["task"] for row in summary))
+    groups = list(dict.fromkeys((row["task"], row["key_metric"]) for row in summary))
+    several = len({task for task, _ in groups}) < len(groups)  # some task reports several metrics
+    labels = [f"{task}\n{metric_label(metric)}" if several else task for task, metric in groups]
     varying = [key for key in ("backbone", "size", "training_cases")
                if len({row[key] for row in summary}) > 1]
     series = list(dict.fromkeys(_series_label(row, varying) for row in summary))
-    values = {(row["task"], _series_label(row, varying)): row for row in summary}
+    values = {(row["task"], row["key_metric"], _series_label(row, varying)): row for row in summary}
     width = 0.8 / max(len(series), 1)
-    figure = figure_module.Figure(figsize=(max(5.0, 1.1 + len(tasks) * (0.5 + 0.35 * len(series))), 4.2))
+    figure = figure_module.Figure(figsize=(max(5.0, 1.1 + len(groups) * (0.5 + 0.35 * len(series))), 4.2))
     axis = figure.add_subplot(1, 1, 1)
     for number, name in enumerate(series):
         positions, heights, errors = [], [], []
-        for index, task in enumerate(tasks):
-            row = values.get((task, name))
+        for index, group in enumerate(groups):
+            row = values.get((*group, name))
             if row is None:
                 continue
             positions.append(index - 0.4 + width * (number + 0.5))
@@ -219,20 +249,22 @@ def draw_chart(summary: Sequence[Mapping[str, Any]], path: str | os.PathLike) ->
             errors.append(row["std"] if row["std"] is not None else float("nan"))  # one seed: no error bar
         axis.bar(positions, heights, width * 0.92, yerr=errors, capsize=3, label=name)
     labelled = False
-    for index, task in enumerate(tasks):
-        reference = next((row for row in summary if row["task"] == task and row["reference"] is not None), None)
+    for index, group in enumerate(groups):
+        reference = next((row for row in summary if (row["task"], row["key_metric"]) == group
+                          and row["reference"] is not None), None)
         if reference is not None:
             axis.plot([index - 0.42, index + 0.42], [reference["reference"]] * 2, color="black", linewidth=1.5,
                       linestyle="--", label=None if labelled else "published")
             axis.plot(index, reference["reference"], marker="D", color="black", markersize=6)
             labelled = True
     metrics = sorted({metric_label(row["key_metric"]) for row in summary})
-    axis.set_xticks(range(len(tasks)))
-    axis.set_xticklabels(tasks, rotation=20 if len(tasks) > 3 else 0, ha="right" if len(tasks) > 3 else "center")
-    axis.set_ylabel(f"{' / '.join(metrics)} (%), mean ± std over seeds")
+    axis.set_xticks(range(len(groups)))
+    axis.set_xticklabels(labels, rotation=20 if len(groups) > 3 else 0, ha="right" if len(groups) > 3 else "center",
+                         fontsize=8 if several else None)
+    axis.set_ylabel(f"{' / '.join(metrics) if len(metrics) <= 3 else 'metric'} (%), mean ± std over seeds")
     axis.set_ylim(0, 100)
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=8, loc="best")
     axis.set_title("downstream benchmark")
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=110)

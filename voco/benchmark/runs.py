@@ -33,7 +33,8 @@ class Cell:
     Attributes:
         task: registry task id, e.g. "btcv".
         pretrained: a checkpoint path, or "scratch".
-        mode: "scratch" (with pretrained "scratch"), or "finetune" | "frozen" | "linear_probe".
+        mode: "scratch" (with pretrained "scratch"), or "finetune" | "frozen" | "linear_probe"; a vision-language
+            task: "zero_shot" or "finetune" (vocabulary fine-tuning) of a CLIP checkpoint.
         seed: the bundle's seed (also the seed of the few-label training case choice).
         backbone / size: the network spec, e.g. "swin" / "B".
         training_cases: keep only this many training cases (None: all).
@@ -75,28 +76,33 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
         pretrained: checkpoint paths and / or "scratch".
         seeds: one cell per seed.
         modes: how each checkpoint is used ("finetune", "frozen", "linear_probe"); default ("finetune",).
-            "scratch" always gets the one mode "scratch".
+            "scratch" always gets the one mode "scratch". A vision-language task takes CLIP checkpoints only and
+            its own modes ("zero_shot", "finetune": `voco.benchmark.vision_language.plan_cells`).
         training_cases: the few-label setting for every cell (None: all training cases).
 
     Raises:
         ConfigError: an empty list, an unknown task or mode, or two checkpoints whose file names give the same
             encoder name (their runs would share names, and one would be taken for the other's finished run).
     """
+    from voco.benchmark import vision_language
     from voco.benchmark.finetune import encoder_name, require_finetune_type
     from voco.benchmark.registry import get_task
 
-    task_ids = list(dict.fromkeys(require_finetune_type(get_task(str(task)), GRID_TASK_TYPES).id for task in tasks))
+    task_list = list({task.id: task for task in (require_finetune_type(get_task(str(name)), GRID_TASK_TYPES)
+                                                 for name in tasks)}.values())
+    task_ids = [task.id for task in task_list]
     sources = list(dict.fromkeys("scratch" if _is_scratch(source) else str(source) for source in pretrained))
     seed_list = list(dict.fromkeys(_whole(seed, "seed") for seed in seeds))
     mode_list = list(dict.fromkeys(str(mode) for mode in (modes or ("finetune",))))
     for name, values in (("task", task_ids), ("pretrained", sources), ("seed", seed_list), ("mode", mode_list)):
         if not values:
             raise ConfigError(f"the grid has no {name}; give at least one {name}.")
-    unknown = [mode for mode in mode_list if mode not in ENCODER_MODES]
+    unknown = [mode for mode in mode_list if mode not in ENCODER_MODES + vision_language.MODES]
     if unknown:
         hint = " (train from scratch by adding 'scratch' to the pretrained list)" if "scratch" in unknown else ""
         raise ConfigError(f"the mode {unknown[0]!r} is not a way to use a pretrained encoder; use "
-                          f"{', '.join(ENCODER_MODES)}{hint}.")
+                          f"{', '.join(ENCODER_MODES)} (vision-language tasks: "
+                          f"{', '.join(vision_language.MODES)}){hint}.")
     if training_cases is not None:
         training_cases = _whole(training_cases, "training_cases")
     by_encoder: dict[str, str] = {}
@@ -107,11 +113,19 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
                               f"{encoder!r} used in run names; rename one of the files.")
         by_encoder[encoder] = source
     cells = []
-    for task in task_ids:
+    for task in task_list:
+        if task.task_type == "vision-language":  # CLIP checkpoints, their backbone, the task's own modes
+            cells += vision_language.plan_cells(task, sources, modes=mode_list if modes else None, seeds=seed_list,
+                                                training_cases=training_cases)
+            continue
+        encoder_modes = [mode for mode in mode_list if mode in ENCODER_MODES]
+        if not encoder_modes:
+            raise ConfigError(f"the modes {', '.join(mode_list)} are for vision-language tasks; add finetune, frozen "
+                              f"or linear_probe to --modes for {task.id}.")
         for source in sources:
-            for mode in (["scratch"] if source == "scratch" else mode_list):
+            for mode in (["scratch"] if source == "scratch" else encoder_modes):
                 for seed in seed_list:
-                    cells.append(Cell(task, source, mode, seed, str(backbone), str(size), training_cases))
+                    cells.append(Cell(task.id, source, mode, seed, str(backbone), str(size), training_cases))
     return cells
 
 
@@ -230,7 +244,7 @@ def parse_dataset_dirs(value: Any) -> dict[str, str] | str | None:
     return pairs
 
 
-GRID_TASK_TYPES = ("segmentation", "classification", "registration")
+GRID_TASK_TYPES = ("segmentation", "classification", "registration", "vision-language")
 
 
 def bundle_runner(config_files: Sequence[str] = ("train.json",)) -> Callable[[Cell, dict], None]:
@@ -239,9 +253,14 @@ def bundle_runner(config_files: Sequence[str] = ("train.json",)) -> Callable[[Ce
 
     def run(cell: Cell, settings: dict) -> None:
         from voco.benchmark.registry import get_task
+        from voco.benchmark.vision_language import CONFIG_FILES
 
-        # registration cells add the bundle's registration override to whatever configs the grid uses
-        files = list(config_files) + (["registration.json"] if get_task(cell.task).task_type == "registration" else [])
+        files = list(config_files)
+        task_type = get_task(cell.task).task_type
+        if task_type == "registration":  # the registration override after whatever configs the grid uses
+            files.append("registration.json")
+        elif task_type == "vision-language":  # the mode's configs right after train.json: later overrides still win
+            files[1:1] = CONFIG_FILES[cell.mode]
         run_bundle("downstream_benchmark", files, tracking="mlflow", **settings)
 
     return run

@@ -12,6 +12,9 @@ This module is only the registry (cheap to import); `voco.data.regions.preset_tr
                   foreground resized
                   to the region size
     mr_zscore     1.5 x 1.5 x 1.5     z-score over the foreground  float16     (no HU window for MRI)
+    ct_rate       none: whole         HU [-1000, 200] -> [0, 1]    uint16      CT-RATE rows of the downstream benchmark
+                  foreground resized                                           (the reference's window; voco's [0, 1])
+                  to the region size
 
 "cached as" is the compact dtype of the disk and memory caches (`cache_dtype="auto"`, see
 `voco.data.regions.CompactIntensityd` for the error bounds).
@@ -52,6 +55,10 @@ PRESETS: dict[str, Preset] = {
                None, "window", (-175.0, 250.0)),
         Preset("mr_zscore", "MRI: 1.5 mm isotropic, z-score over the foreground, no HU window", (1.5, 1.5, 1.5),
                "zscore"),
+        # The CT-CLIP rows of the VoCo benchmark window HU [-1000, 200] and resize the volume to the network's input;
+        # the reference scales to [-1, 1], voco to [0, 1] like every preset (what voco encoders are pretrained on).
+        Preset("ct_rate", "CT-RATE chest: HU [-1000, 200] to [0, 1], foreground resized to the region", None,
+               "window", (-1000.0, 200.0)),
     )
 }
 
