@@ -396,7 +396,9 @@ def phantom_report(lesion_counts: dict[str, int], enlarged_spleen: bool,
 
     Without `rng` every sentence has its fixed wording; with it, each sentence's wording is drawn from
     `REPORT_WORDINGS`, so reports of the same findings differ as real ones do. The impression always names the
-    positive findings in the same terms ("liver lesion", "kidney lesion", "splenomegaly").
+    positive findings in the same terms ("liver lesion", "kidney lesion", "splenomegaly"); with `rng` (the study
+    reports) it also states the absent ones ("no liver lesion; no kidney lesion; no splenomegaly"), the words the
+    zero-shot prompts use.
 
         phantom_report({"liver": 1}, False)  # 'Liver: 1 focal hypodense lesion. Spleen: normal size. ...'
     """
@@ -421,11 +423,17 @@ def phantom_report(lesion_counts: dict[str, int], enlarged_spleen: bool,
     findings = []
     if liver:
         findings.append("liver lesion")
+    elif rng is not None:  # study reports state each finding either way, as structured impressions do
+        findings.append("no liver lesion")
     if left or right:
         sides = "both sides" if left and right else f"the {'left' if left else 'right'}"
         findings.append(f"kidney lesion on {sides}")
+    elif rng is not None:
+        findings.append("no kidney lesion")
     if enlarged_spleen:
         findings.append("splenomegaly")
+    elif rng is not None:
+        findings.append("no splenomegaly")
     sentences.append("Impression: " + ("; ".join(findings) if findings else wording("impression_normal")) + ".")
     return " ".join(sentences)
 
@@ -589,7 +597,7 @@ MAX_STUDY_SCANS = 4
 STUDY_LESION_PROBABILITY = 0.7
 STUDY_ENLARGED_SPLEEN_PROBABILITY = 0.4
 # Bumped whenever what a seed gives as a study changes (with PHANTOM_VERSION, it decides if a set is reused).
-PHANTOM_STUDY_VERSION = 1
+PHANTOM_STUDY_VERSION = 2
 
 
 @dataclass
