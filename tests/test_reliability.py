@@ -522,3 +522,33 @@ def test_a_mostly_bad_manifest_fails_before_training_with_one_sentence(tmp_path)
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: 6 of the 11 volumes checked before training cannot be used (the first: ")
     assert "Traceback" not in result.stderr and "step 1/" not in result.stdout
+
+
+def test_a_torchrun_job_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Two ranks (gloo): SIGTERM to torchrun (which forwards it to its workers) at a step -> every rank stops after
+    the same step, rank 0 writes the checkpoint; the same command then finishes with the weights of a job that was
+    never stopped."""
+    import sys
+
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
+    (tmp_path / "tmp").mkdir()
+    environment = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
+
+    def start(run_name: str) -> subprocess.Popen:
+        command = bundle_command("voco_pretrain", ["train.json", "smoke.json", "multi_gpu_train.json"],
+                                 "--max_steps", str(BUNDLE_STEPS), "--checkpoint_interval", "1", "--log_interval", "1",
+                                 "--run_name", run_name)
+        return subprocess.Popen(torchrun + command[1:], cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    code, out = run_until_step_line(start("reference"), 0, None)
+    assert code == 0, out[-3000:]
+    code, out = run_until_step_line(start("chain"), 2, lambda process: process.send_signal(signal.SIGTERM))
+    stopped_line = next(line for line in out.splitlines() if line.startswith("stopped after step"))
+    step = int(stopped_line.split()[3])
+    assert code != 0 and step < BUNDLE_STEPS, out[-3000:]
+    code, out = run_until_step_line(start("chain"), 0, None)
+    assert code == 0 and f"step {BUNDLE_STEPS}/{BUNDLE_STEPS}" in out, out[-3000:]
+    reference = read_checkpoint(tmp_path / "runs" / "reference" / "checkpoints" / "checkpoint_final.pt")
+    resumed = read_checkpoint(tmp_path / "runs" / "chain" / "checkpoints" / "checkpoint_final.pt")
+    assert same_tensors(resumed["pretext"], reference["pretext"]), f"stopped after step {step}"
