@@ -123,3 +123,43 @@ def write_bad_volumes(folder: Path, seed: int = 0) -> list[str]:
             write_volume(folder / "flat.nii.gz", rng.uniform(0, 1, (20, 20))),
             write_volume(folder / "nan.nii.gz", nan),
             write_volume(folder / "empty.nii.gz", np.zeros((20, 0, 12)))]
+
+
+def _gloo_rank(rank: int, world_size: int, port: int, worker, args: tuple, results) -> None:
+    """One spawned process of `on_gloo_ranks`: join the gloo group, run the worker, send back its tensors."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        values = worker(rank, world_size, *args)
+        # numpy: tensors would be shared through files that vanish with this process
+        results.put((rank, [value.detach().numpy() for value in values]))
+    finally:
+        dist.destroy_process_group()
+
+
+def on_gloo_ranks(worker, *args, world_size: int = 2) -> dict:
+    """`worker(rank, world_size, *args) -> tensors` in `world_size` spawned processes joined in one gloo group
+    (a module-level function, so it pickles) -> {rank: [its tensors]}; asserts every process exited cleanly."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    processes = [context.Process(target=_gloo_rank, args=(rank, world_size, port, worker, args, results))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    by_rank = {}
+    for _ in range(world_size):
+        rank, values = results.get()
+        by_rank[rank] = [torch.from_numpy(value) for value in values]
+    for process in processes:
+        process.join(timeout=60)
+    assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
+    return by_rank

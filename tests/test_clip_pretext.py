@@ -4,9 +4,9 @@ gathered losses over two processes, padded scans, the metrics by hand, the train
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
+from conftest import on_gloo_ranks
 import torch
 import torch.nn.functional as F
 
@@ -110,33 +110,22 @@ def test_sentence_matching_loss_by_hand():
     assert not loss.requires_grad  # the report similarities are targets: no gradient to the text side
 
 
-def _gathered_losses_worker(rank: int, world_size: int, port: int, studies: torch.Tensor, reports: torch.Tensor,
-                            results) -> None:
+def _gathered_losses_worker(rank: int, world_size: int, studies: torch.Tensor, reports: torch.Tensor) -> list:
     """One of two gloo processes holding half of the batch's study and report embeddings."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        rows = studies.shape[0] // world_size
-        local_studies = studies[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
-        local_reports = reports[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
-        scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
-        bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-        losses = [clip_loss(local_studies, local_reports, scale), siglip_loss(local_studies, local_reports, scale, bias),
-                  sentence_matching_loss(local_studies, local_reports, scale)]
-        sum(losses).backward()
-        # numpy: tensors would be shared through files that vanish with this process
-        results.put((rank, *[value.detach().numpy() for value in
-                             (*losses, local_studies.grad, local_reports.grad, scale.grad, bias.grad)]))
-    finally:
-        dist.destroy_process_group()
+    rows = studies.shape[0] // world_size
+    local_studies = studies[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+    local_reports = reports[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    losses = [clip_loss(local_studies, local_reports, scale), siglip_loss(local_studies, local_reports, scale, bias),
+              sentence_matching_loss(local_studies, local_reports, scale)]
+    sum(losses).backward()
+    return [*losses, local_studies.grad, local_reports.grad, scale.grad, bias.grad]
 
 
 def test_gathered_losses_over_two_processes_equal_the_single_process_losses():
     """Two gloo ranks with three pairs each: the mean of the ranks' losses is the whole batch's loss, and the
     gradients averaged over ranks (as DDP does) are the whole batch's gradients, embeddings and scale alike."""
-    import torch.multiprocessing as mp
-
     generator = torch.Generator().manual_seed(1)
     studies = F.normalize(torch.randn(6, 8, generator=generator, dtype=torch.float64), dim=-1)
     reports = F.normalize(torch.randn(6, 8, generator=generator, dtype=torch.float64), dim=-1)
@@ -147,22 +136,7 @@ def test_gathered_losses_over_two_processes_equal_the_single_process_losses():
                 sentence_matching_loss(whole_studies, whole_reports, scale)]
     sum(expected).backward()
 
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    processes = [context.Process(target=_gathered_losses_worker, args=(rank, 2, port, studies, reports, results))
-                 for rank in range(2)]
-    for process in processes:
-        process.start()
-    by_rank = {}
-    for _ in range(2):
-        rank, *values = results.get()
-        by_rank[rank] = [torch.from_numpy(value) for value in values]
-    for process in processes:
-        process.join(timeout=60)
-    assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
+    by_rank = on_gloo_ranks(_gathered_losses_worker, studies, reports)
 
     for index, loss in enumerate(expected):
         torch.testing.assert_close((by_rank[0][index] + by_rank[1][index]) / 2, loss.detach())

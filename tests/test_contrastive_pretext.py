@@ -4,10 +4,10 @@ masking, the EMA teacher, the training step and the views picture."""
 from __future__ import annotations
 
 import math
-import socket
 
 import numpy as np
 import pytest
+from conftest import on_gloo_ranks
 import torch
 import torch.nn.functional as F
 
@@ -104,29 +104,20 @@ def test_info_nce_by_hand_and_as_cross_entropy():
     torch.testing.assert_close(loss, torch.stack(terms).mean())
 
 
-def _gathered_losses_worker(rank: int, world_size: int, port: int, embeddings: torch.Tensor, results) -> None:
+def _gathered_losses_worker(rank: int, world_size: int, embeddings: torch.Tensor) -> list:
     """One of two gloo processes holding half of the batch's embeddings (whole regions)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        rows = embeddings.shape[0] // world_size
-        local = embeddings[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
-        pairs = contrastive_pairs(local, views_per_region=3)
-        info_nce = info_nce_loss(pairs, temperature=0.2)
-        positive, negative = cosine_embedding_loss(pairs)
-        (info_nce + positive + negative).backward()
-        # numpy: tensors would be shared through files that vanish with this process
-        results.put((rank, *[value.detach().numpy() for value in (info_nce, positive, negative, local.grad)]))
-    finally:
-        dist.destroy_process_group()
+    rows = embeddings.shape[0] // world_size
+    local = embeddings[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+    pairs = contrastive_pairs(local, views_per_region=3)
+    info_nce = info_nce_loss(pairs, temperature=0.2)
+    positive, negative = cosine_embedding_loss(pairs)
+    (info_nce + positive + negative).backward()
+    return [info_nce, positive, negative, local.grad]
 
 
 def test_gathered_losses_over_two_processes_equal_the_single_process_losses():
     """Two gloo ranks with two regions (six views) each: the mean of the ranks' losses is the whole batch's loss,
     and each rank's gradient, averaged over ranks as DDP does, is the whole batch's gradient."""
-    import torch.multiprocessing as mp
-
     embeddings = torch.randn(12, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     whole = embeddings.clone().requires_grad_(True)
     pairs = contrastive_pairs(whole, views_per_region=3)
@@ -134,22 +125,7 @@ def test_gathered_losses_over_two_processes_equal_the_single_process_losses():
     positive, negative = cosine_embedding_loss(pairs)
     (info_nce + positive + negative).backward()
 
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    processes = [context.Process(target=_gathered_losses_worker, args=(rank, 2, port, embeddings, results))
-                 for rank in range(2)]
-    for process in processes:
-        process.start()
-    by_rank = {}
-    for _ in range(2):
-        rank, *values = results.get()
-        by_rank[rank] = [torch.from_numpy(value) for value in values]
-    for process in processes:
-        process.join(timeout=60)
-    assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
+    by_rank = on_gloo_ranks(_gathered_losses_worker, embeddings)
 
     for index, expected in enumerate([info_nce, positive, negative]):
         torch.testing.assert_close((by_rank[0][index] + by_rank[1][index]) / 2, expected.detach())

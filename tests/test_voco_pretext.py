@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import socket
 
 import pytest
+from conftest import on_gloo_ranks
 import torch
 import torch.nn.functional as F
 
@@ -261,32 +261,23 @@ def _projections(batch_size: int = 4, num_base: int = 9, num_random: int = 2, wi
     return student, teacher, labels
 
 
-def _inter_volume_worker(rank: int, world_size: int, port: int, results) -> None:
+def _inter_volume_worker(rank: int, world_size: int) -> list:
     """One of two gloo processes holding half of the batch's projections."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        student, teacher, labels = _projections()
-        rows = slice(rank * 2, rank * 2 + 2)
-        values = []
-        for inter_volume in ("global", "batch"):
-            local = student[rows].clone().requires_grad_(True)
-            parts, _ = voco_losses(local, teacher[rows], labels[rows], 9, inter_volume=inter_volume)
-            sum(parts.values()).backward()
-            values += [parts["inter"].detach(), sum(parts.values()).detach(), local.grad]
-        # numpy: tensors would be shared through files that vanish with this process
-        results.put((rank, [value.numpy() for value in values]))
-    finally:
-        dist.destroy_process_group()
+    student, teacher, labels = _projections()
+    rows = slice(rank * 2, rank * 2 + 2)
+    values = []
+    for inter_volume in ("global", "batch"):
+        local = student[rows].clone().requires_grad_(True)
+        parts, _ = voco_losses(local, teacher[rows], labels[rows], 9, inter_volume=inter_volume)
+        sum(parts.values()).backward()
+        values += [parts["inter"], sum(parts.values()), local.grad]
+    return values
 
 
 def test_global_inter_volume_term_over_two_processes_equals_the_single_process_one():
     """Two gloo ranks with two volumes each: with inter_volume="global" the mean of the ranks' losses is the
     whole batch's loss, and each rank's gradient, averaged over ranks as DDP does, is the whole batch's gradient.
     With "batch" (the reference) each rank pairs its own volumes only, so its inter term differs."""
-    import torch.multiprocessing as mp
-
     student, teacher, labels = _projections()
     whole = student.clone().requires_grad_(True)
     parts, _ = voco_losses(whole, teacher, labels, 9)
@@ -295,21 +286,7 @@ def test_global_inter_volume_term_over_two_processes_equals_the_single_process_o
     single_process_global, _ = voco_losses(student, teacher, labels, 9, inter_volume="global")
     assert torch.equal(single_process_global["inter"], parts["inter"])  # not distributed: the same pairing
 
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    processes = [context.Process(target=_inter_volume_worker, args=(rank, 2, port, results)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    by_rank = {}
-    for _ in range(2):
-        rank, values = results.get()
-        by_rank[rank] = [torch.from_numpy(value) for value in values]
-    for process in processes:
-        process.join(timeout=60)
-    assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
+    by_rank = on_gloo_ranks(_inter_volume_worker)
 
     global_inter, global_loss, global_gradient = zip(by_rank[0][:3], by_rank[1][:3])  # (rank 0, rank 1) each
     torch.testing.assert_close((global_inter[0] + global_inter[1]) / 2, parts["inter"].detach())

@@ -63,7 +63,7 @@ from voco.data.manifest import FINDINGS_KEY, manifest_from_records, save_manifes
 from voco.data.studies import IMAGE_SUFFIXES, attach_reports, group_studies, image_stem
 from voco.data.volumes import inspect_volume
 from voco.errors import ConfigError, ManifestError
-from voco.pretext.clip import CLIPPretext, batch_reports, study_images
+from voco.pretext.clip import CLIPPretext, batch_reports, check_clip_checkpoint, study_images
 from voco.pretext.zero_shot import (DEFAULT_PROMPT_TEMPLATES, balanced_accuracy, finding_phrase, prompt_pairs,
                                     recall_at_k, roc_auc, zero_shot_probabilities)
 from voco.tracking import RunLogger
@@ -128,11 +128,7 @@ def read_clip_checkpoint(path: str | os.PathLike | None) -> dict[str, Any]:
         raise ConfigError("the vision-language tasks evaluate a CLIP model, not scratch; give --pretrained with a "
                           "checkpoint of bundles/clip_pretrain (runs/<run>/checkpoints/checkpoint_final.pt).")
     checkpoint = read_checkpoint(Path(path).expanduser())
-    spec = checkpoint.get("backbone_spec")
-    if not isinstance(spec, Mapping) or spec.get("pretext") != "clip" or "clip" not in spec \
-            or "pretext" not in checkpoint:
-        raise ConfigError(f"the checkpoint {path} holds no CLIP model (its backbone_spec names no CLIP heads); give a "
-                          f"checkpoint of bundles/clip_pretrain (runs/<run>/checkpoints/checkpoint_final.pt).")
+    check_clip_checkpoint(checkpoint, f"the checkpoint {path}")
     return checkpoint
 
 

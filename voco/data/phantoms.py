@@ -712,18 +712,13 @@ def synthesize(
     place at the end, so `out_dir` is never half-written. A previous phantom folder is replaced; any other
     non-empty `out_dir` is refused.
     """
-    from voco.data.manifest import manifest_from_records, save_manifest
-
     out_dir = Path(out_dir).expanduser().resolve()
     arguments = _arguments(synthesize, out_dir, n, seed, shape_range=shape_range,
                            in_plane_spacing_range=in_plane_spacing_range, slice_spacing_range=slice_spacing_range,
                            orientations=orientations, lesion_probability=lesion_probability,
                            enlarged_spleen_probability=enlarged_spleen_probability,
                            with_labels=with_labels, name=name)
-    with _staged_set(out_dir) as staging:
-        (staging / "images").mkdir()
-        if with_labels:
-            (staging / "labels").mkdir()
+    with _staged_set(out_dir, with_labels) as staging:
         records = []
         for index in range(n):
             phantom = make_phantom((seed, index), shape_range=shape_range,
@@ -735,11 +730,8 @@ def synthesize(
             records.append({"dataset": name, "subject": subject, "study": "ct", "report": phantom.report,
                             "scan": _save_scan(phantom, staging, subject, with_labels)})
             logger.info("phantom %d/%d written to %s", index + 1, n, out_dir)
-        manifest = manifest_from_records(records, name=name, modality="CT", preset="ct_abdomen",
-                                         description=f"{n} synthetic abdominal CT phantoms (voco.data.phantoms, "
-                                                     f"seed {seed})")
-        save_manifest(manifest, staging / "manifest.json")
-        _write_stamp(staging, "phantoms", arguments, records)
+        _write_set(staging, "phantoms", arguments, records, name,
+                   f"{n} synthetic abdominal CT phantoms (voco.data.phantoms, seed {seed})")
     return out_dir / "manifest.json"
 
 
@@ -779,8 +771,6 @@ def synthesize_studies(
 
         manifest_path = synthesize_studies("runs/phantom_studies", n=8)
     """
-    from voco.data.manifest import manifest_from_records, save_manifest
-
     out_dir = Path(out_dir).expanduser().resolve()
     arguments = _arguments(synthesize_studies, out_dir, n, seed, num_scans=num_scans, shape_range=shape_range,
                            in_plane_spacing_range=in_plane_spacing_range, slice_spacing_range=slice_spacing_range,
@@ -791,10 +781,7 @@ def synthesize_studies(
                    slice_spacing_range=slice_spacing_range, orientations=orientations,
                    lesion_probability=lesion_probability, enlarged_spleen_probability=enlarged_spleen_probability)
     make_phantom_study((seed, 0), num_scans, **options)  # refuse bad options before anything is written
-    with _staged_set(out_dir) as staging:
-        (staging / "images").mkdir()
-        if with_labels:
-            (staging / "labels").mkdir()
+    with _staged_set(out_dir, with_labels) as staging:
         records = []
         for index in range(n):
             study = make_phantom_study((seed, index), num_scans, **options)
@@ -805,11 +792,9 @@ def synthesize_studies(
                 records.append({"dataset": name, "subject": subject, "study": "ct", "scan": record_scan,
                                 "report": study.report, "findings": study.findings})
             logger.info("phantom study %d/%d (%d scans) written to %s", index + 1, n, len(study.scans), out_dir)
-        manifest = manifest_from_records(records, name=name, modality="CT", preset="ct_abdomen",
-                                         description=f"{n} synthetic abdominal CT studies of 1-{MAX_STUDY_SCANS} "
-                                                     f"series with reports (voco.data.phantoms, seed {seed})")
-        save_manifest(manifest, staging / "manifest.json")
-        _write_stamp(staging, "phantom_studies", arguments, records)
+        _write_set(staging, "phantom_studies", arguments, records, name,
+                   f"{n} synthetic abdominal CT studies of 1-{MAX_STUDY_SCANS} series with reports "
+                   f"(voco.data.phantoms, seed {seed})")
     return out_dir / "manifest.json"
 
 
@@ -873,9 +858,10 @@ def _arguments(function: Any, out_dir: Path, n: Any, seed: Any, **options: Any) 
 
 
 @contextlib.contextmanager
-def _staged_set(out_dir: Path) -> Iterator[Path]:
-    """A temporary sibling folder of `out_dir` to write a set into: renamed into place when the block ends, removed
-    when it raises, so `out_dir` is never half-written. Refuses an `out_dir` that is not a previous set."""
+def _staged_set(out_dir: Path, with_labels: bool) -> Iterator[Path]:
+    """A temporary sibling folder of `out_dir` (with its images/ and, `with_labels`, labels/ folders) to write a set
+    into: renamed into place when the block ends, removed when it raises, so `out_dir` is never half-written.
+    Refuses an `out_dir` that is not a previous set."""
     _check_replaceable(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -884,6 +870,9 @@ def _staged_set(out_dir: Path) -> Iterator[Path]:
         raise VocoError(f"cannot create the phantom folder {out_dir} ({error.strerror}); "
                         f"choose a writable location.") from error
     try:
+        (staging / "images").mkdir()
+        if with_labels:
+            (staging / "labels").mkdir()
         yield staging
         _move_into_place(staging, out_dir)
     except BaseException:
@@ -891,8 +880,14 @@ def _staged_set(out_dir: Path) -> Iterator[Path]:
         raise
 
 
-def _write_stamp(staging: Path, kind: str, arguments: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
-    """The stamp, written last: a folder with a stamp is a complete set of the manifest and these records' files."""
+def _write_set(staging: Path, kind: str, arguments: dict[str, Any], records: Sequence[dict[str, Any]], name: str,
+               description: str) -> None:
+    """The manifest of `records` (one CT dataset `name`, preset "ct_abdomen"), then the stamp, written last: a
+    folder with a stamp is a complete set of the manifest and these records' files."""
+    from voco.data.manifest import manifest_from_records, save_manifest
+
+    save_manifest(manifest_from_records(records, name=name, modality="CT", preset="ct_abdomen",
+                                        description=description), staging / "manifest.json")
     files = ["manifest.json"] + list(dict.fromkeys(record["scan"][key] for record in records
                                                    for key in ("image", "label") if key in record["scan"]))
     (staging / STAMP_NAME).write_text(json.dumps(

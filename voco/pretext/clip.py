@@ -341,6 +341,15 @@ class CLIPPretext(nn.Module):
         }
 
 
+def check_clip_checkpoint(checkpoint: Mapping[str, Any], source: str = "this checkpoint") -> None:
+    """Refuse a checkpoint that holds no CLIP model (weights and a ``backbone_spec`` with ``pretext: clip``)."""
+    spec = checkpoint.get("backbone_spec")
+    if not isinstance(spec, Mapping) or spec.get("pretext") != "clip" or "clip" not in spec \
+            or "pretext" not in checkpoint:
+        raise ConfigError(f"{source} holds no CLIP model (its backbone_spec names no CLIP heads); give a checkpoint "
+                          f"of bundles/clip_pretrain (runs/<run>/checkpoints/checkpoint_final.pt).")
+
+
 def clip_from_checkpoint(checkpoint: Mapping[str, Any]) -> CLIPPretext:
     """The CLIP model a ``clip_pretrain`` checkpoint holds, rebuilt from its ``backbone_spec`` and loaded (eval mode).
 
@@ -351,10 +360,9 @@ def clip_from_checkpoint(checkpoint: Mapping[str, Any]) -> CLIPPretext:
     from voco.networks import build_backbone
     from voco.networks.text import build_text_encoder
 
-    spec = dict(checkpoint.get("backbone_spec") or {})
-    if spec.pop("pretext", None) != "clip" or "clip" not in spec or "pretext" not in checkpoint:
-        raise ConfigError("this checkpoint is not from the clip_pretrain bundle (its backbone_spec names no CLIP "
-                          "model); give a checkpoint that bundle wrote (runs/<run>/checkpoints/checkpoint_final.pt).")
+    check_clip_checkpoint(checkpoint)
+    spec = dict(checkpoint["backbone_spec"])
+    spec.pop("pretext")
     heads = spec.pop("clip")
     text_spec, state = dict(heads["text_encoder"]), checkpoint["pretext"]
     vocabulary = (state.get("text_encoder._extra_state") or {}).get("vocabulary")
