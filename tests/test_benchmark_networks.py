@@ -17,7 +17,7 @@ from monai.networks.nets import UNETR, SwinUNETR
 from voco.benchmark.metrics import (classification_metrics, jacobian_determinant, non_positive_jacobian_fraction,
                                     registration_metrics, segmentation_metrics)
 from voco.benchmark.networks import (EncoderClassifier, RegistrationLoss, RegistrationNetwork, build_task_network,
-                                     encoder_of, initialize_from_pretrained, task_loss)
+                                     decoder_of, encoder_of, initialize_from_pretrained, task_loss)
 from voco.benchmark.registry import Intensity, Task
 from voco.benchmark.transforms import ClassLabeld, registration_keys, task_transforms
 from voco.data.phantoms import PHANTOM_CLASSES, make_phantom
@@ -308,7 +308,63 @@ def test_pretrained_encoder_loads_into_every_network(pretrained, task_type, layo
     name = next(key for key in first_block if key.endswith("swinViT.layers4.0.blocks.1.attn.qkv.weight"))
     assert torch.equal(first_block[name], expected["swinViT.layers4.0.blocks.1.attn.qkv.weight"])
     assert all(parameter.requires_grad for parameter in network.parameters())  # finetune trains everything
-    assert f"loaded {len(report.loaded)}/{len(expected)} encoder tensors" in capsys.readouterr().out
+    assert report.decoder_loaded == [] and report.decoder_skipped == []  # an encoder alone: no decoder to speak of
+    printed = capsys.readouterr().out
+    assert f"loaded {len(report.loaded)}/{len(expected)} encoder tensors" in printed and "decoder" not in printed
+
+
+@pytest.fixture(scope="module")
+def vocomni(tmp_path_factory) -> dict[str, object]:
+    """A tiny VoComni-style checkpoint: a whole randomly initialised SwinUNETR-v2 (21 classes, feature size 12) under
+    ``network_weights``; its 20 decoder tensors fit a 12-class task network, the 2 of its output layer do not."""
+    torch.manual_seed(2024)
+    whole = SwinUNETR(in_channels=1, out_channels=21, feature_size=12, use_v2=True).state_dict()
+    path = tmp_path_factory.mktemp("vocomni") / "VoComni_tiny.pt"
+    torch.save({"network_weights": whole}, path)
+    return {"state": whole, "path": path}
+
+
+def test_a_whole_swinunetr_checkpoint_fills_the_decoder_too(vocomni, capsys):
+    network = build_task_network(make_task("segmentation"), size="tiny")
+    output_before = {key: value.clone() for key, value in network.out.state_dict().items()}
+    report = initialize_from_pretrained(network, vocomni["path"], mode="frozen")  # default: load_decoder=None
+
+    assert len(report.loaded) == 145 and report.loaded_fraction == 1.0
+    assert len(report.decoder_loaded) == 20 and all(name.startswith("decoder") for name in report.decoder_loaded)
+    assert [name for name, _ in report.decoder_skipped] == ["out.conv.conv.weight", "out.conv.conv.bias"]
+    assert "shape (21, 12, 1, 1, 1) in the checkpoint, (12, 12, 1, 1, 1) in the model" in report.table()
+    state = network.state_dict()
+    for name in report.decoder_loaded:
+        assert torch.equal(state[name], vocomni["state"][name]), name
+    assert all(torch.equal(network.out.state_dict()[key], value) for key, value in output_before.items())
+    decoder_parameters = list(decoder_of(network).parameters())
+    assert decoder_parameters and all(parameter.requires_grad for parameter in decoder_parameters)  # it trains
+    assert "loaded 145/145 encoder tensors" in report.summary()
+    assert report.summary().endswith("; decoder: loaded 20 tensors, skipped 2")
+    assert report.summary() in capsys.readouterr().out
+
+
+def test_load_decoder_off_or_required(vocomni, pretrained):
+    network = build_task_network(make_task("segmentation"), size="tiny")
+    decoder_before = {key: value.clone() for key, value in decoder_of(network).state_dict().items()}
+    report = initialize_from_pretrained(network, vocomni["path"], load_decoder=False)
+    assert len(report.loaded) == 145 and report.decoder_loaded == []
+    assert len(report.decoder_skipped) == 22 and {why for _, why in report.decoder_skipped} == {"load_decoder is off"}
+    assert all(torch.equal(decoder_of(network).state_dict()[key], value) for key, value in decoder_before.items())
+
+    # Required: an encoder-only checkpoint is refused before anything is loaded.
+    fresh = build_task_network(make_task("segmentation"), size="tiny")
+    before = {key: value.clone() for key, value in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="holds no decoder"):
+        initialize_from_pretrained(fresh, pretrained["paths"]["official"], load_decoder=True)
+    assert all(torch.equal(before[key], value) for key, value in fresh.state_dict().items())
+    assert len(initialize_from_pretrained(fresh, vocomni["path"], load_decoder=True).decoder_loaded) == 20
+
+    classifier = build_task_network(make_task("classification"), size="tiny")
+    assert decoder_of(classifier) is None
+    with pytest.raises(ConfigError, match="no SwinUNETR decoder"):
+        initialize_from_pretrained(classifier, vocomni["path"], load_decoder=True)
+    assert initialize_from_pretrained(classifier, vocomni["path"]).decoder_loaded == []  # default: nothing to fill
 
 
 def test_frozen_mode_freezes_exactly_the_encoder(pretrained):

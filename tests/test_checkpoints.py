@@ -14,6 +14,7 @@ from torch import nn
 
 from voco.checkpoints import (
     LoadReport,
+    decoder_state_dict,
     encoder_state_dict,
     export_encoder,
     find_latest_checkpoint,
@@ -124,7 +125,7 @@ def swin_vit_spelling(head: dict) -> dict:
         (ddp_prefixed, "DDP 'module.' prefix stripped"),
         (reference_training, "reference training checkpoint ['state_dict']: SwinUNETR encoder under 'backbone.'"),
         (reference_v1_student_teacher, "SwinUNETR encoder under 'student.'"),
-        (vocomni_whole_model, "container ['network_weights']: whole SwinUNETR (decoder and output dropped)"),
+        (vocomni_whole_model, "container ['network_weights']: whole SwinUNETR (encoder and 22 decoder tensors)"),
         (voco_training, "voco training checkpoint: SwinUNETR encoder under 'backbone.'"),
         (swin_vit_spelling, "'swin_vit' renamed to 'swinViT'"),
     ],
@@ -150,8 +151,14 @@ def test_dropped_tensors_are_counted_in_the_format(ssl_head: dict) -> None:
     weights, source_format = encoder_state_dict(reference_training(ssl_head))
     assert set(weights) == set(ssl_head)
     assert source_format.endswith("2 other tensors dropped")
+    # A whole SwinUNETR's decoder is not dropped: it is counted apart, and decoder_state_dict finds it.
     _, whole_format = encoder_state_dict(vocomni_whole_model(ssl_head))
-    assert f"{DECODER_TENSORS} other tensors dropped" in whole_format
+    assert whole_format.endswith(f"whole SwinUNETR (encoder and {DECODER_TENSORS} decoder tensors)")
+    whole = swin_unetr(seed=1).state_dict()
+    decoder = decoder_state_dict(ddp_prefixed(vocomni_whole_model(ssl_head)["network_weights"]))
+    assert set(decoder) == set(whole) - set(ssl_head) and len(decoder) == DECODER_TENSORS
+    assert all(torch.equal(decoder[name], whole[name]) for name in decoder)
+    assert decoder_state_dict(reference_training(ssl_head)) == {}
 
 
 def test_monai_model_swinvit_maps_to_swinvit_and_drops_the_ssl_heads(tmp_path: Path) -> None:

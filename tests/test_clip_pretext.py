@@ -186,7 +186,8 @@ def test_forward_outputs_and_gradients_for_both_losses_with_sentence_matching():
     pretext = small_pretext(sentence_matching_weight=0.5)
     output = pretext(study_batch())
     assert set(output) == {"loss", "loss/contrastive", "loss/sentence_matching", "metric/logit_scale",
-                           "metric/batch_top1"}
+                           "metric/batch_top1", "health/embedding_std", "health/top_component_share",
+                           "health/collapsed"}  # 4 studies: the top component's share is defined
     assert all(value.ndim == 0 and torch.isfinite(value) for value in output.values())
     assert all(not value.requires_grad for key, value in output.items() if key != "loss")
     torch.testing.assert_close(output["loss"].detach(),
@@ -201,7 +202,8 @@ def test_forward_outputs_and_gradients_for_both_losses_with_sentence_matching():
     siglip = CLIPPretext(pretext.backbone, pretext.text_encoder, embedding_dim=32, loss="siglip")
     single_scans = {"image": torch.randn(3, 1, 16, 16, 8), "report": REPORTS[:3]}  # [B, C, X, Y, Z], no mask
     output = siglip(single_scans)
-    assert set(output) == {"loss", "loss/siglip", "metric/logit_scale", "metric/batch_top1"}
+    assert set(output) == {"loss", "loss/siglip", "metric/logit_scale", "metric/batch_top1", "health/embedding_std",
+                           "health/top_component_share", "health/collapsed"}
     output["loss"].backward()
     assert siglip.logit_bias.grad.abs() > 0 and siglip.cls_token.grad.abs().sum() > 0
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the engine's bf16: embeddings and losses stay float32

@@ -236,7 +236,8 @@ def test_forward_outputs_for_both_loss_forms_and_gradients_reach_the_task_parame
                                 generator=0)
     output = cosine({"image": images})
     assert set(output) == {"loss", "loss/positive", "loss/negative", "metric/positive_cosine",
-                           "metric/negative_cosine", "metric/retrieval_top1"}
+                           "metric/negative_cosine", "metric/retrieval_top1", "health/embedding_std",
+                           "health/top_component_share", "health/collapsed"}
     assert all(value.ndim == 0 and torch.isfinite(value) for value in output.values())
     assert all(not value.requires_grad for key, value in output.items() if key != "loss")
     torch.testing.assert_close(output["loss"].detach(), 2.0 * output["loss/positive"] + 0.5 * output["loss/negative"])
@@ -251,7 +252,8 @@ def test_forward_outputs_for_both_loss_forms_and_gradients_reach_the_task_parame
     assert infonce.head.mask_token is None  # no masked view: no unused parameter for DDP to complain about
     output = infonce(images)
     assert set(output) == {"loss", "loss/infonce", "metric/positive_cosine", "metric/negative_cosine",
-                           "metric/retrieval_top1"}
+                           "metric/retrieval_top1", "health/embedding_std", "health/top_component_share",
+                           "health/collapsed"}
     assert output["loss"].item() > 0 and 0 <= output["metric/retrieval_top1"].item() <= 1
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the engine's bf16: the pair cosines stay float32
         output = infonce(images)

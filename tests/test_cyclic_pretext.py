@@ -33,9 +33,11 @@ def regions(batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def test_task_prefixes():
-    output = {"loss": 1.0, "loss/reconstruction": 2.0, "metric/box_iou": 3.0, "teacher_momentum": 0.9}
+    output = {"loss": 1.0, "loss/reconstruction": 2.0, "metric/box_iou": 3.0, "health/embedding_std": 0.1,
+              "teacher_momentum": 0.9}
     assert task_prefixed("mae", output) == {"loss/mae": 1.0, "loss/mae/reconstruction": 2.0,
-                                            "metric/mae/box_iou": 3.0, "mae/teacher_momentum": 0.9}
+                                            "metric/mae/box_iou": 3.0, "health/mae/embedding_std": 0.1,
+                                            "mae/teacher_momentum": 0.9}
 
 
 def test_step_t_runs_task_t_mod_n_and_logs_every_task_under_its_prefix():
@@ -56,7 +58,8 @@ def test_step_t_runs_task_t_mod_n_and_logs_every_task_under_its_prefix():
     assert int(pretext.step) == 7
     # after one full cycle every task's losses and metrics are in every output
     for name in ["loss/mae/reconstruction", "metric/mae/reconstruction_psnr", "loss/contrastive",
-                 "metric/contrastive/retrieval_top1", "loss/query_box/giou", "metric/query_box/box_iou"]:
+                 "metric/contrastive/retrieval_top1", "loss/query_box/giou", "metric/query_box/box_iou",
+                 "health/contrastive/collapsed", "health/query_box/top_component_share"]:
         assert name in output, name
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -55,6 +56,17 @@ def test_named_layouts():
         get_layout("v3")
     with pytest.raises(ConfigError, match="does not tile"):
         CropLayout((100, 96, 32), (3, 3), (32, 32, 32), (32, 32, 32))
+
+
+def test_v1_and_v2_layouts_treat_their_crops_as_the_references_do():
+    """V1 resizes its 96^3 crops with corners aligned and shifts intensities with p = 0.1; V2 (and what derives from
+    it) needs no resize and shifts with p = 0.5."""
+    assert VOCO_V1_LAYOUT.align_corners and VOCO_V1_LAYOUT.shift_probability == 0.1
+    for layout in (VOCO_V2_LAYOUT, VOCO_TINY_LAYOUT, CropLayout.tiled(32, (3, 3))):
+        assert not layout.align_corners and layout.shift_probability == 0.5
+    for probability in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="shift_probability"):
+            dataclasses.replace(VOCO_V2_LAYOUT, shift_probability=probability)
 
 
 def test_grid_boxes_order_and_cover():

@@ -207,7 +207,8 @@ def test_several_boxes_per_region_shapes_and_independence():
     assert predicted.shape == (2, 3, 6)
     torch.testing.assert_close(predicted[:, 1:2], alone, rtol=1e-4, atol=1e-5)
     output = pretext(images)
-    assert set(output) == {"loss", "loss/l1", "loss/giou", "metric/box_iou", "metric/box_centre_error"}
+    assert set(output) == {"loss", "loss/l1", "loss/giou", "metric/box_iou", "metric/box_centre_error",
+                           "health/embedding_std", "health/top_component_share", "health/collapsed"}
     assert all(value.ndim == 0 and torch.isfinite(value) for value in output.values())
     assert not any(value.requires_grad for key, value in output.items() if key != "loss")
 

@@ -37,6 +37,10 @@ def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
     assert [point.step for point in history] == [2, 4]
     assert run.data.metrics["data/skipped_volumes"] == 0
     assert 0.0 <= run.data.metrics["metric/position_top1"] <= 1.0
+    # the frozen-encoder probe: at step 0 (the untrained encoder) and at every validation interval
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "probe/dice_at_init")] == [0]
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "probe/dice")][:2] == [0, 4]
+    assert 0.0 < run.data.metrics["probe/dice"] < 1.0 and "probe/dice/liver" in run.data.metrics
     assert_png_artifacts(client, run, cwd, ["views/views.png"])
     # artifacts live beside the embedded store, not in a ./mlruns of the working folder
     assert (cwd / "runs" / "artifacts").is_dir() and not (cwd / "mlruns").exists()

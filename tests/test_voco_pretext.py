@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from voco.errors import ConfigError
 from voco.geometry import VOCO_TINY_LAYOUT, CropLayout, position_labels
+from voco.health import embedding_health
 from voco.networks import build_backbone
 from voco.pretext.voco import (CropAugmentation, VoCoPretext, make_crops, position_loss, position_loss_v1,
                                regularization_loss, save_views_picture, similarity, voco_losses)
@@ -93,6 +95,41 @@ def test_regularization_stops_the_gradient_of_the_second_base_crop():
     torch.testing.assert_close(bases.grad, reference.grad)
 
 
+def projections_with_cosine(cosine: float, batch_size: int = 2, num_crops: int = 6, width: int = 64
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher projections ``[B, N, P]`` (float32) whose cosines are about `cosine`: vector i is
+    ``a_i e_0 + sqrt(1 - a_i^2) e_i`` on orthonormal e_i (so cos(v_i, v_j) = a_i a_j), the a_i spread evenly over
+    sqrt(c) +- (1 - sqrt(c)) / 2 in shuffled order, times a length of its own."""
+    count = 2 * batch_size * num_crops
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(width, count + 1, generator=generator, dtype=torch.float64))[0].T
+    root = cosine ** 0.5
+    spread = torch.linspace(-0.5, 0.5, count, dtype=torch.float64)[torch.randperm(count, generator=generator)]
+    a = (root + (1 - root) * spread)[:, None]
+    vectors = a * basis[0] + (1 - a ** 2).sqrt() * basis[1:]
+    vectors = vectors * (0.5 + 2.5 * torch.rand(count, 1, generator=generator, dtype=torch.float64))
+    student, teacher = vectors.float().view(2, batch_size, num_crops, width)
+    return student, teacher
+
+
+@pytest.mark.parametrize("cosine", [0.99, 0.999])
+def test_similarities_and_losses_stay_float32_under_bf16_autocast(cosine):
+    """bf16 rounds cosines above ~0.998 to 1, where -log(1 - p) of the negatives is largest: the similarity and the
+    regularisation must not follow autocast (the reference's cosine_similarity runs in float32)."""
+    student, teacher = projections_with_cosine(cosine)
+    labels = torch.tensor([[0.75, 0.25, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]).expand(2, 2, 4)  # [B, S, K]
+    parts, predictions = voco_losses(student, teacher, labels, num_base=4)
+    assert abs(predictions.mean().item() - cosine) < 0.25 * (1 - cosine) and predictions.max() < 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert similarity(student, teacher).dtype == torch.float32
+        assert regularization_loss(student).dtype == torch.float32
+        parts_bf16, predictions_bf16 = voco_losses(student, teacher, labels, num_base=4)
+    assert predictions_bf16.dtype == torch.float32
+    for name, value in parts.items():
+        assert value.item() > 0, name
+        torch.testing.assert_close(parts_bf16[name], value, rtol=1e-4, atol=0, msg=name)
+
+
 # --------------------------------------------------------------------------------------------------
 # Crops and labels
 # --------------------------------------------------------------------------------------------------
@@ -144,14 +181,44 @@ def test_intensity_shift_is_one_offset_per_crop_within_range():
     assert all(abs(o) <= 0.1 + 1e-6 for o in offsets) and any(o == 0 for o in offsets) and any(o != 0 for o in offsets)
 
 
-def test_resized_crops_of_a_v1_style_layout():
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_resized_crops_of_a_v1_style_layout(align_corners):
     layout = CropLayout.tiled((8, 8, 8), (2, 2), input_size=(4, 4, 4))
+    layout = dataclasses.replace(layout, align_corners=align_corners)
     regions = smooth_phantoms(2, layout.region_size)
     views = make_crops(regions, layout, 2, augmentation=None, generator=torch.Generator().manual_seed(0))
     assert views.crops.shape == (2, 6, 1, 4, 4, 4)
-    x0, y0, z0, x1, y1, z1 = views.random_boxes[1, 0].tolist()
-    expected = F.interpolate(regions[1:2, :, x0:x1, y0:y1, z0:z1], size=(4, 4, 4), mode="trilinear")
-    torch.testing.assert_close(views.crops[1, 4], expected[0])
+    for b, n in [(0, 1), (1, 4)]:  # a base crop and a random crop
+        boxes = torch.cat([views.base_boxes.expand(2, -1, -1), views.random_boxes], dim=1)
+        x0, y0, z0, x1, y1, z1 = boxes[b, n].tolist()
+        expected = F.interpolate(regions[b:b + 1, :, x0:x1, y0:y1, z0:z1], size=(4, 4, 4), mode="trilinear",
+                                 align_corners=align_corners)
+        torch.testing.assert_close(views.crops[b, n], expected[0])
+
+
+def test_v1_crops_keep_the_corner_voxels_of_their_boxes():
+    """V1 resizes 96^3 crops to 64^3 with corners aligned, as the reference's MONAI Resized(align_corners=True):
+    the first and last voxels of a resized crop are exactly those of its box (a coordinate region shows it)."""
+    layout = dataclasses.replace(CropLayout.tiled((8, 8, 8), (2, 2), input_size=(4, 4, 4)), align_corners=True)
+    regions = coordinate_regions(2, layout.region_size)
+    views = make_crops(regions, layout, 2, augmentation=None, generator=torch.Generator().manual_seed(1))
+    boxes = torch.cat([views.base_boxes.expand(2, -1, -1), views.random_boxes], dim=1)
+    for b, n in itertools.product(range(2), range(6)):
+        x0, y0, z0, x1, y1, z1 = boxes[b, n].tolist()
+        assert views.crops[b, n, 0, 0, 0, 0].item() == regions[b, 0, x0, y0, z0].item()
+        assert views.crops[b, n, 0, -1, -1, -1].item() == regions[b, 0, x1 - 1, y1 - 1, z1 - 1].item()
+
+
+@pytest.mark.parametrize("layout, shift_probability", [("v1", 0.1), ("v2", 0.5), (SMALL_LAYOUT, 0.5)])
+def test_crop_augmentation_follows_the_layout(layout, shift_probability):
+    """The reference shifts crop intensities with p = 0.1 in V1 and 0.5 in V2; flips and rotations are the same."""
+    assert tiny_pretext(layout).augmentation == CropAugmentation(shift_probability=shift_probability)
+    assert tiny_pretext(layout, augmentation=False).augmentation is None
+    # make_crops' default is the layout's own: on all-zero regions a crop is non-zero exactly when shifted.
+    small = dataclasses.replace(CropLayout.tiled((2, 2, 2), (2, 2)), shift_probability=shift_probability)
+    views = make_crops(torch.zeros(50, 1, *small.region_size), small, 36, generator=torch.Generator().manual_seed(0))
+    shifted = views.crops.flatten(2).ne(0).any(dim=-1).float().mean().item()  # over 50 x 40 crops
+    assert abs(shifted - shift_probability) < 0.03, shifted
 
 
 def test_crops_and_labels_are_reproducible_from_a_seed():
@@ -172,8 +239,10 @@ def test_forward_returns_the_named_scalars_and_updates_the_teacher_only_in_train
     teacher_before = [p.clone() for p in pretext.teacher_projector.parameters()]
     output = pretext({"image": regions})
     assert set(output) == {"loss", "loss/intra", "loss/inter", "loss/regularization", "metric/position_mae",
-                           "metric/position_top1", "teacher_momentum"}
+                           "metric/position_top1", "teacher_momentum", "health/embedding_std",
+                           "health/top_component_share", "health/collapsed"}
     assert all(value.ndim == 0 and torch.isfinite(value) for value in output.values())
+    assert output["health/collapsed"].item() == 0.0  # the projectors' batch norms spread even untrained embeddings
     torch.testing.assert_close(output["loss"].detach(),
                                output["loss/intra"] + output["loss/inter"] + output["loss/regularization"])
     assert 0 <= output["metric/position_top1"] <= 1 and 0 <= output["metric/position_mae"] <= 1
@@ -192,6 +261,20 @@ def test_forward_returns_the_named_scalars_and_updates_the_teacher_only_in_train
         pretext(regions)
     assert all(torch.equal(a, b) for a, b in zip(frozen, pretext.teacher_projector.parameters()))
     assert int(pretext.teacher_projector.updates) == 1
+
+
+def test_health_signals_are_those_of_the_teacher_projections():
+    pretext = tiny_pretext(VOCO_TINY_LAYOUT).eval()  # eval: no dropout, no teacher update, same crops from a seed
+    regions = smooth_phantoms(2, VOCO_TINY_LAYOUT.region_size)
+    with torch.no_grad():
+        pretext.generator.manual_seed(4)
+        output = pretext(regions)
+        pretext.generator.manual_seed(4)
+        _, teacher, _ = pretext.project(pretext.make_crops(regions).crops)
+    expected = embedding_health(teacher)
+    assert set(expected) == {name for name in output if name.startswith("health/")}
+    for name, value in expected.items():
+        torch.testing.assert_close(output[name], value)
 
 
 def test_forward_rejects_batches_it_cannot_use():

@@ -10,7 +10,8 @@ the released ``VoCo_{B,L,H}_SSL_head.pt`` (145 tensors for feature size 48)::
 Formats recognised by :func:`encoder_state_dict` (they may be nested and combined):
 
 - our training checkpoint ``{"pretext": {"backbone.…"}, "optimizer": …, "backbone_spec": …}``
-- a raw state dict, the official SSL head, a whole SwinUNETR (``VoComni_*.pt``: decoder dropped)
+- a raw state dict, the official SSL head, a whole SwinUNETR (``VoComni_*.pt``; its decoder is found by
+  :func:`decoder_state_dict` and loaded on request)
 - reference training checkpoints ``{"global_step", "state_dict"}`` with ``module.`` (DDP) and
   ``backbone.`` / ``student.`` / ``teacher.`` prefixes (the student is taken)
 - containers under ``state_dict`` / ``network_weights`` / ``net`` / ``student`` / ``model``
@@ -18,7 +19,8 @@ Formats recognised by :func:`encoder_state_dict` (they may be nested and combine
   dropped) and the ``swin_vit`` spelling of ``swinViT``.
 
 Unlike the reference loader (and MONAI's ``copy_model_state``, which counts but does not name what it
-skips), :func:`load_encoder_weights` reports every key that was skipped, and why.
+skips), :func:`load_encoder_weights` reports every key that was skipped, and why. Like the reference loader, it
+can also keep the decoder tensors of a whole SwinUNETR that fit the downstream network (``decoder=``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from voco.errors import CheckpointError, ConfigError, optional_import
 
 __all__ = [
     "LoadReport",
+    "decoder_state_dict",
     "encoder_state_dict",
     "export_encoder",
     "find_latest_checkpoint",
@@ -154,6 +157,50 @@ def encoder_state_dict(checkpoint: Mapping[str, Any]) -> tuple[StateDict, str]:
     Raises:
         CheckpointError: the checkpoint holds no tensors at all.
     """
+    tensors, container_name, notes = _model_tensors(checkpoint)
+    owner = _encoder_owner(tensors)
+    decoder: StateDict = {}
+    if owner is not None:
+        encoder = {key[len(owner) :]: value for key, value in tensors.items() if _is_encoder_key(key, owner)}
+        decoder = _decoder_of_owner(tensors, owner)
+        layout = f"whole SwinUNETR (encoder and {len(decoder)} decoder tensors)" if decoder else "SwinUNETR encoder"
+        if owner:
+            layout += f" under '{owner}'"
+    elif any(_SWINVIT_ONLY_KEY.match(key) for key in tensors):
+        encoder = {"swinViT." + key: value for key, value in tensors.items() if _SWINVIT_ONLY_KEY.match(key)}
+        layout = "MONAI model_swinvit SSL weights (mapped to 'swinViT.', SSL heads dropped)"
+    else:
+        # Not a SwinUNETR encoder (e.g. a ViT backbone): take the backbone of a pretext, else everything.
+        backbone = {key[len("backbone.") :]: v for key, v in tensors.items() if key.startswith("backbone.")}
+        encoder = backbone or tensors
+        layout = "state dict without SwinUNETR encoder keys" + (" (backbone.* taken)" if backbone else "")
+    encoder = {_rename_swin_mlp(key): value for key, value in encoder.items()}
+
+    dropped = len(tensors) - len(encoder) - len(decoder)  # a decoder is not dropped: see decoder_state_dict
+    if dropped:
+        notes.append(f"{dropped} other tensors dropped")
+    return encoder, f"{container_name}: " + ", ".join([layout, *notes])
+
+
+def decoder_state_dict(checkpoint: Mapping[str, Any]) -> StateDict:
+    """The decoder and output tensors (``decoder1..5.*``, ``out.*``) of a whole-SwinUNETR checkpoint (``VoComni_*``,
+    a fine-tuned model), under MONAI's SwinUNETR names; ``{}`` for a checkpoint that holds an encoder alone.
+
+    The checkpoint is unwrapped as in :func:`encoder_state_dict`, and the decoder is the one beside its encoder.
+    """
+    tensors, _, _ = _model_tensors(checkpoint)
+    owner = _encoder_owner(tensors)
+    return {} if owner is None else _decoder_of_owner(tensors, owner)
+
+
+def _decoder_of_owner(tensors: StateDict, owner: str) -> StateDict:
+    return {key[len(owner) :]: value for key, value in tensors.items()
+            if key.startswith(owner) and _DECODER_COMPONENT.match(key[len(owner) :])}
+
+
+def _model_tensors(checkpoint: Mapping[str, Any]) -> tuple[StateDict, str, list[str]]:
+    """The tensors of a checkpoint with wrappers stripped and ``swin_vit`` renamed, the name of its container
+    format, and notes on what was changed."""
     container, container_name = _unwrap_container(checkpoint)
     tensors = {key: value for key, value in container.items() if isinstance(value, torch.Tensor)}
     if not tensors:
@@ -167,30 +214,7 @@ def encoder_state_dict(checkpoint: Mapping[str, Any]) -> tuple[StateDict, str]:
     if any("swin_vit." in key for key in tensors):
         notes.append("'swin_vit' renamed to 'swinViT'")
         tensors = {key.replace("swin_vit.", "swinViT."): value for key, value in tensors.items()}
-
-    owner = _encoder_owner(tensors)
-    if owner is not None:
-        encoder = {key[len(owner) :]: value for key, value in tensors.items() if _is_encoder_key(key, owner)}
-        has_decoder = any(
-            key.startswith(owner) and _DECODER_COMPONENT.match(key[len(owner) :]) for key in tensors
-        )
-        layout = "whole SwinUNETR (decoder and output dropped)" if has_decoder else "SwinUNETR encoder"
-        if owner:
-            layout += f" under '{owner}'"
-    elif any(_SWINVIT_ONLY_KEY.match(key) for key in tensors):
-        encoder = {"swinViT." + key: value for key, value in tensors.items() if _SWINVIT_ONLY_KEY.match(key)}
-        layout = "MONAI model_swinvit SSL weights (mapped to 'swinViT.', SSL heads dropped)"
-    else:
-        # Not a SwinUNETR encoder (e.g. a ViT backbone): take the backbone of a pretext, else everything.
-        backbone = {key[len("backbone.") :]: v for key, v in tensors.items() if key.startswith("backbone.")}
-        encoder = backbone or tensors
-        layout = "state dict without SwinUNETR encoder keys" + (" (backbone.* taken)" if backbone else "")
-    encoder = {_rename_swin_mlp(key): value for key, value in encoder.items()}
-
-    dropped = len(tensors) - len(encoder)
-    if dropped:
-        notes.append(f"{dropped} other tensors dropped")
-    return encoder, f"{container_name}: " + ", ".join([layout, *notes])
+    return tensors, container_name, notes
 
 
 def _unwrap_container(checkpoint: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
@@ -270,6 +294,10 @@ class LoadReport:
         outside_encoder: model tensors that are not part of the encoder (a SwinUNETR's decoder and
             output); expected to stay at their initial values and not counted in ``loaded_fraction``.
         encoder_key_count: number of encoder tensors of the model.
+        decoder_loaded: decoder tensors of a whole-SwinUNETR checkpoint copied into the model's decoder (name and
+            shape matched; only when a decoder was given).
+        decoder_skipped: ``(name, why)`` of that checkpoint's other decoder tensors (another shape, not in the
+            model, or ``load_decoder`` off).
         source: the file (or ``"<dict>"``) the weights came from; source_format: see
             :func:`encoder_state_dict`.
     """
@@ -280,6 +308,8 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     outside_encoder: list[str] = field(default_factory=list)
     encoder_key_count: int = 0
+    decoder_loaded: list[str] = field(default_factory=list)
+    decoder_skipped: list[tuple[str, str]] = field(default_factory=list)
     source: str = "<dict>"
     source_format: str = ""
 
@@ -295,7 +325,8 @@ class LoadReport:
         return len(self.loaded) / self.encoder_key_count if self.encoder_key_count else 0.0
 
     def summary(self) -> str:
-        """One line: how much loaded, from what, and how many tensors were skipped or missing."""
+        """One line: how much loaded (encoder, and decoder if any), from what, and how many tensors were skipped or
+        missing."""
         line = (
             f"loaded {len(self.loaded)}/{self.encoder_key_count} encoder tensors "
             f"({100 * self.loaded_fraction:.1f}%) from {self.source} [{self.source_format}]; "
@@ -305,6 +336,8 @@ class LoadReport:
         )
         if self.outside_encoder:
             line += f", {len(self.outside_encoder)} tensors outside the encoder keep their initial values"
+        if self.decoder_loaded or self.decoder_skipped:
+            line += f"; decoder: loaded {len(self.decoder_loaded)} tensors, skipped {len(self.decoder_skipped)}"
         return line
 
     def table(self) -> str:
@@ -323,6 +356,9 @@ class LoadReport:
         if self.outside_encoder:
             lines.append("outside the encoder (keep their initial values, as expected):")
             lines += [f"  {name}" for name in self.outside_encoder]
+        if self.decoder_skipped:
+            lines.append("decoder tensors skipped (the model's keep their initial values):")
+            lines += [f"  {name}  {why}" for name, why in self.decoder_skipped]
         return "\n".join(lines)
 
     def _hints(self) -> list[str]:
@@ -349,12 +385,16 @@ def load_encoder_weights(
     *,
     min_loaded_fraction: float = 0.5,
     prefix: str = "",
+    decoder: nn.Module | None = None,
+    load_decoder: bool | None = None,
 ) -> LoadReport:
     """Copy encoder weights into ``model`` by name and shape, and report every tensor that did not fit.
 
     Works for an encoder alone (``SwinEncoder``: keys ``swinViT.*``, ``encoder*``), a whole MONAI
     ``SwinUNETR`` (its decoder is reported as outside the encoder) and a module that holds the
     encoder under a prefix (a pretext: ``backbone.``; found by itself when ``prefix`` is empty).
+    With ``decoder``, the decoder tensors of a whole-SwinUNETR checkpoint (:func:`decoder_state_dict`) that fit it
+    by name and shape are copied too, as the reference loader does.
 
     Args:
         model: the module to load into; only tensors whose name and shape match are changed.
@@ -363,14 +403,22 @@ def load_encoder_weights(
         min_loaded_fraction: refuse the checkpoint (and leave the model untouched) when less than
             this fraction of the model's encoder tensors would load.
         prefix: where the encoder lies inside ``model``, e.g. ``"backbone."``.
+        decoder: a module whose state-dict names are a SwinUNETR's ``decoder1..5.*`` and ``out.*`` (see
+            `voco.benchmark.networks.decoder_of`), or None (the encoder alone).
+        load_decoder: with ``decoder``: None (default) copies its fitting tensors when the checkpoint has any;
+            True also refuses a checkpoint with none that fit; False copies none (they are reported as skipped).
 
     Returns:
         The :class:`LoadReport`; its summary is also logged (at WARNING when anything was skipped).
 
     Raises:
-        CheckpointError: the source cannot be read, or too little of it fits the model.
-        ConfigError: ``prefix`` names no tensor of the model.
+        CheckpointError: the source cannot be read, too little of it fits the model, or ``load_decoder`` is True
+            and no decoder tensor of it fits ``decoder``.
+        ConfigError: ``prefix`` names no tensor of the model; ``load_decoder`` is True without a ``decoder``.
     """
+    if load_decoder and decoder is None:
+        raise ConfigError("load_decoder=True needs the module to load the decoder into; pass decoder=, "
+                          "or leave load_decoder at None.")
     label = str(source) if isinstance(source, (str, os.PathLike)) else "<dict>"
     checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
     weights, source_format = encoder_state_dict(checkpoint)
@@ -396,16 +444,17 @@ def load_encoder_weights(
         source=label,
         source_format=source_format,
     )
-    to_copy: StateDict = {}
-    for name, tensor in weights.items():
-        if name not in encoder_targets:
-            report.skipped_unexpected.append(name)
-        elif tensor.shape != targets[name].shape:
-            report.skipped_shape.append((name, tuple(tensor.shape), tuple(targets[name].shape)))
-        else:
-            report.loaded.append(name)
-            to_copy[prefix + name] = tensor
+    report.loaded, report.skipped_unexpected, report.skipped_shape = _fitting(
+        weights, {name: targets[name] for name in encoder_targets}
+    )
     report.missing = [name for name in targets if name not in weights]
+    decoder_weights = decoder_state_dict(checkpoint) if decoder is not None else {}
+    if load_decoder is False:
+        report.decoder_skipped = [(name, "load_decoder is off") for name in decoder_weights]
+    elif decoder_weights:
+        report.decoder_loaded, unexpected, other_shape = _fitting(decoder_weights, decoder.state_dict())
+        report.decoder_skipped = [(name, "not in the model") for name in unexpected] + [
+            (name, f"shape {ckpt} in the checkpoint, {own} in the model") for name, ckpt, own in other_shape]
 
     if report.loaded_fraction < min_loaded_fraction:
         raise CheckpointError(
@@ -413,12 +462,36 @@ def load_encoder_weights(
             "check that it was trained for this backbone (feature_size, in_channels, use_v2) "
             "or lower min_loaded_fraction."
         )
+    if load_decoder and not report.decoder_loaded:
+        found = (f"none of its {len(decoder_weights)} decoder tensors fits the network's decoder" if decoder_weights
+                 else "it holds no decoder (an encoder alone)")
+        raise CheckpointError(
+            f"Refused to load {label}: load_decoder is on, but {found}; pass a whole-SwinUNETR checkpoint "
+            "(e.g. VoComni) of this feature size, or leave load_decoder at None."
+        )
     # strict=False: the missing and skipped tensors are named in the report instead.
-    model.load_state_dict(to_copy, strict=False)
+    model.load_state_dict({prefix + name: weights[name] for name in report.loaded}, strict=False)
+    if report.decoder_loaded:
+        decoder.load_state_dict({name: decoder_weights[name] for name in report.decoder_loaded}, strict=False)
     clean = not (report.skipped_unexpected or report.skipped_shape or report.missing_encoder)
     logger.log(logging.INFO if clean else logging.WARNING, "encoder weights: %s", report.summary())
     logger.debug("%s", report.table())
     return report
+
+
+def _fitting(weights: StateDict, targets: Mapping[str, torch.Tensor]
+             ) -> tuple[list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
+    """Which ``weights`` fit ``targets``: the names that match in name and shape, the names ``targets`` lacks, and
+    ``(name, checkpoint shape, model shape)`` of the rest."""
+    fit, unexpected, other_shape = [], [], []
+    for name, tensor in weights.items():
+        if name not in targets:
+            unexpected.append(name)
+        elif tensor.shape != targets[name].shape:
+            other_shape.append((name, tuple(tensor.shape), tuple(targets[name].shape)))
+        else:
+            fit.append(name)
+    return fit, unexpected, other_shape
 
 
 # ---------------------------------------------------------------------------------------- exporting

@@ -1,8 +1,8 @@
 """The trainer that runs any pretext, and the handlers every pretraining bundle attaches.
 
 A pretext is an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": ..., "loss/<part>": ...,
-"metric/<name>": ...}`` and may have ``after_step()`` (teacher updates). `PretextTrainer` is a MONAI
-`Trainer` (an ignite Engine), so MONAI's handlers — `LrScheduleHandler`, `CheckpointSaver`,
+"metric/<name>": ..., "health/<name>": ...}`` and may have ``after_step()`` (teacher updates). `PretextTrainer` is a
+MONAI `Trainer` (an ignite Engine), so MONAI's handlers — `LrScheduleHandler`, `CheckpointSaver`,
 `CheckpointLoader`, `MLFlowHandler` from ``--tracking mlflow`` — attach to it unchanged.
 
 Why our own step instead of `SupervisedTrainer`: a pretext has no (image, label) pair and no separate loss
@@ -41,6 +41,7 @@ from monai.handlers import CheckpointSaver
 
 from voco.data.regions import item_seed, random_transform_generators
 from voco.errors import CheckpointError, ConfigError, VolumeError, error_sentence
+from voco.health import collapse_warning
 from voco.tracking import RunLogger
 
 logger = logging.getLogger("voco.engine")
@@ -457,15 +458,25 @@ class StepLogger:
     Metric names follow DESIGN.md: ``loss``, ``loss/<part>``, ``metric/<name>``, ``lr``, ``gradient_norm``,
     ``teacher_momentum``, ``throughput/volumes_per_s``, and the cumulative counts of the trainer state
     ``data/skipped_volumes`` (bad volumes passed over) and ``numerics/skipped_steps`` (optimizer steps skipped for
-    a non-finite loss or gradient norm). Values are read from the device only on logging iterations (and at an
-    early stop). MONAI's `StatsHandler` prints only the loss; this prints the parts too.
+    a non-finite loss or gradient norm). Pretexts with embeddings add the collapse signals of
+    `voco.health.embedding_health`: ``health/embedding_std`` (about 1 / sqrt(D) when healthy, 0 at collapse),
+    ``health/top_component_share`` (share of the batch's variance in its first principal component) and
+    ``health/collapsed`` (1 when either crosses its threshold); the cyclic pretext logs ``health/<task>/<name>``.
+    When some ``collapsed`` flag is 1 on `collapse_patience` logged steps in a row after the first `collapse_warmup`
+    share of the run, one sentence says so and what to try, once per run (an untrained encoder maps different
+    inputs to nearly one vector, and the learning-rate warm-up keeps it there for a while: the start is not judged).
+    Values are read from the device only on logging iterations (and at an early stop). MONAI's `StatsHandler`
+    prints only the loss; this prints the parts too.
     """
 
-    def __init__(self, interval: int = 10, stream=None) -> None:
+    def __init__(self, interval: int = 10, stream=None, collapse_patience: int = 3,
+                 collapse_warmup: float = 0.1) -> None:
         self.interval = max(1, int(interval))
         self.stream = stream or sys.stdout
+        self.collapse_patience, self.collapse_warmup = max(1, int(collapse_patience)), float(collapse_warmup)
         self._volumes = 0
         self._clock = time.perf_counter()
+        self._collapsed_in_a_row, self._warned_of_collapse = 0, False
         self.run: RunLogger | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -475,6 +486,7 @@ class StepLogger:
     def started(self, engine: Engine) -> None:
         self.run = RunLogger(engine)
         self._clock, self._volumes = time.perf_counter(), 0
+        self._collapsed_in_a_row, self._warned_of_collapse = 0, False
 
     def iteration_completed(self, engine: Engine) -> None:
         output = engine.state.output[0]
@@ -492,8 +504,18 @@ class StepLogger:
         self._clock, self._volumes = time.perf_counter(), 0
         parts = "  ".join(f"{key} {value:.4g}" for key, value in values.items())
         print(f"step {iteration}/{total}  {parts}", file=self.stream, flush=True)
+        if iteration > self.collapse_warmup * total:
+            self.watch_collapse(values, iteration)
         if self.run is not None:
             self.run.log_metrics(values, step=iteration)
+
+    def watch_collapse(self, values: Mapping[str, float], step: int) -> None:
+        """Count the logged steps in a row whose embeddings look collapsed; warn once at `collapse_patience`."""
+        warning = collapse_warning(values, step)
+        self._collapsed_in_a_row = self._collapsed_in_a_row + 1 if warning else 0
+        if self._collapsed_in_a_row >= self.collapse_patience and not self._warned_of_collapse:
+            self._warned_of_collapse = True
+            print(warning, file=self.stream, flush=True)
 
 
 class PretextValidation:

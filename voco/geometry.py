@@ -110,17 +110,24 @@ def grid_boxes(region_size: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
 class CropLayout:
     """Where VoCo's crops come from: a region tiled by a grid of base crops, and the network's input size.
 
+    The two reference versions also treat their crops differently (V1 against V2), so that travels with the layout.
+
     Attributes:
         region_size: ``(X, Y, Z)`` voxels of the region the loader delivers.
         grid: base crops per axis (``(3, 3)`` = 3 x 3 in x-y, full depth; a third entry splits z too).
         crop_size: size of every crop (base and random) cut from the region; the base crops tile it.
         input_size: size fed to the network; crops are resized (trilinear) to it when it differs (V1).
+        align_corners: the ``align_corners`` of that resize (V1: True, as the reference's MONAI ``Resized``).
+        shift_probability: chance that a crop's intensities are shifted, in the reference's per-crop augmentation
+            (V2: 0.5, V1: 0.1).
     """
 
     region_size: tuple[int, ...]
     grid: tuple[int, ...]
     crop_size: tuple[int, ...]
     input_size: tuple[int, ...]
+    align_corners: bool = False
+    shift_probability: float = 0.5
 
     def __post_init__(self) -> None:
         spatial_dims = len(tuple(self.region_size))
@@ -135,6 +142,9 @@ class CropLayout:
         object.__setattr__(self, "grid", grid)
         object.__setattr__(self, "crop_size", crop_size)
         object.__setattr__(self, "input_size", input_size)
+        if not 0 <= self.shift_probability <= 1:
+            raise ConfigError(f"shift_probability {self.shift_probability!r} is not a probability; use a value in "
+                              f"[0, 1] (reference: 0.5 in V2, 0.1 in V1).")
 
     @classmethod
     def tiled(cls, crop_size: int | Sequence[int], grid: Sequence[int],
@@ -169,8 +179,10 @@ class CropLayout:
 
 # V2 (large-scale, our default): 3 x 3 base crops of 64^3 over 192 x 192 x 64, full depth, no resize.
 VOCO_V2_LAYOUT = CropLayout((192, 192, 64), (3, 3), (64, 64, 64), (64, 64, 64))
-# V1 (CVPR 2024): 4 x 4 base crops of 96^3 over 384 x 384 x 96, each crop resized to 64^3.
-VOCO_V1_LAYOUT = CropLayout((384, 384, 96), (4, 4), (96, 96, 96), (64, 64, 64))
+# V1 (CVPR 2024): 4 x 4 base crops of 96^3 over 384 x 384 x 96, each crop resized to 64^3 with corners aligned;
+# intensities shifted less often.
+VOCO_V1_LAYOUT = CropLayout((384, 384, 96), (4, 4), (96, 96, 96), (64, 64, 64), align_corners=True,
+                            shift_probability=0.1)
 # The V2 layout scaled down for tests and smoke runs: 3 x 3 base crops of 32 x 32 x 64 over 96 x 96 x 64.
 # Not 32^3: the Swin encoder's deepest map would be 1 voxel, and its instance norm cannot train on that.
 VOCO_TINY_LAYOUT = CropLayout.tiled((32, 32, 64), (3, 3))

@@ -126,11 +126,17 @@ def _accuracy(task: Task):
 
 
 class PerClassMetrics:
-    """Turn a per-class metric vector into ``<name>/<class name>`` scalars (MLflow logs scalars only)."""
+    """Turn a per-class metric vector into ``<name>/<class name>`` scalars (MLflow logs scalars only), plus the
+    mean over each named group of classes (``groups``, e.g. {"large_organs": ("liver", "spleen", ...)})."""
 
     def __init__(self, class_names: Sequence[str], name: str = "metric/dice_per_class",
-                 prefix: str = "metric/dice") -> None:
+                 prefix: str = "metric/dice", groups: Mapping[str, Sequence[str]] | None = None) -> None:
         self.class_names, self.name, self.prefix = list(class_names), name, prefix
+        self.groups = {group: list(members) for group, members in (groups or {}).items()}
+        unknown = sorted({member for members in self.groups.values() for member in members} - set(self.class_names))
+        if unknown:
+            raise ConfigError(f"class groups name {', '.join(unknown)}, which the task does not have; use its "
+                              f"class names ({', '.join(self.class_names)}).")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -140,8 +146,12 @@ class PerClassMetrics:
         if values is None:
             return
         values = torch.as_tensor(values).flatten().tolist()
-        for class_name, value in zip(self.class_names, values):
+        by_class = dict(zip(self.class_names, values))
+        for class_name, value in by_class.items():
             engine.state.metrics[f"{self.prefix}/{class_name}"] = float(value)
+        for group, members in self.groups.items():
+            engine.state.metrics[f"{self.prefix}/{group}"] = float(torch.tensor(
+                [by_class[member] for member in members]).nanmean())
 
 
 class ValidationPicture:

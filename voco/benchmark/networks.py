@@ -14,7 +14,8 @@
 
 The pretrained weights go into :func:`encoder_of` the network, through :func:`voco.checkpoints.load_encoder_weights`,
 so every format it recognises works (official ``VoCo_*_SSL_head.pt``, ``VoComni_*``, MONAI ``model_swinvit.pt``,
-our training checkpoints and exports).
+our training checkpoints and exports). A whole-SwinUNETR checkpoint (``VoComni_*``) also fills :func:`decoder_of` a
+SwinUNETR with its decoder tensors that fit (``load_decoder``), as the reference loader does.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "RegistrationLoss",
     "RegistrationNetwork",
     "build_task_network",
+    "decoder_of",
     "encoder_of",
     "initialize_from_pretrained",
     "task_loss",
@@ -56,6 +58,7 @@ TASK_BACKBONES = {"segmentation": ("swin", "vit"), "classification": ("swin", "v
 UNETR_FEATURE_SIZES = {"tiny": 12, "s": 16, "b": 16}
 VIT_PATCH = 16
 SWIN_DIVISOR = 32  # the input sizes the Swin network needs to be divisible by (the ViT: VIT_PATCH)
+SWIN_DECODER_BLOCKS = ("decoder5", "decoder4", "decoder3", "decoder2", "decoder1", "out")  # MONAI SwinUNETR's
 SIMILARITIES = ("lncc", "mse")
 REGULARIZATIONS = ("bending", "diffusion")
 
@@ -211,9 +214,21 @@ def encoder_of(network: nn.Module) -> nn.Module:
     raise ConfigError(f"a {type(network).__name__} has no known encoder; pass a network from build_task_network.")
 
 
+def decoder_of(network: nn.Module) -> nn.Module | None:
+    """The SwinUNETR decoder of a task network (its modules, shared): a ``ModuleDict`` of ``decoder5..1`` and
+    ``out``, whose state-dict keys are those of a whole-SwinUNETR checkpoint's decoder; None for a network without
+    one (a classifier, a UNETR: its decoder has other names and no released weights)."""
+    if isinstance(network, RegistrationNetwork):
+        return decoder_of(network.backbone)
+    if isinstance(network, SwinUNETR):
+        return nn.ModuleDict({name: getattr(network, name) for name in SWIN_DECODER_BLOCKS})
+    return None
+
+
 def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | Mapping[str, Any] | None, *,
-                               mode: str = "finetune", min_loaded_fraction: float = 0.5) -> LoadReport | None:
-    """Load pretrained encoder weights into a task network and set which parameters train.
+                               mode: str = "finetune", min_loaded_fraction: float = 0.5,
+                               load_decoder: bool | None = None) -> LoadReport | None:
+    """Load pretrained encoder (and decoder) weights into a task network and set which parameters train.
 
     Args:
         network: a network from :func:`build_task_network`.
@@ -223,6 +238,10 @@ def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | M
             ``"linear_probe"`` (classification only: load, train the final linear layer alone) or ``"scratch"``
             (random initialisation, nothing loaded).
         min_loaded_fraction: refuse a checkpoint of which less than this fraction of the encoder's tensors fit.
+        load_decoder: whether the decoder tensors of a whole-SwinUNETR checkpoint (``VoComni_*``) go into the
+            network's SwinUNETR decoder where name and shape match (the output layer usually differs: other
+            classes). None (default): yes when the checkpoint has such tensors; True: refuse a checkpoint without
+            any that fit; False: the decoder stays random. The decoder trains in every mode.
 
     Returns:
         The load report (its summary is printed), or None for ``"scratch"``. Give the optimizer only the
@@ -230,8 +249,9 @@ def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | M
 
     Raises:
         ConfigError: an unknown mode, a missing source (or one given with ``"scratch"``), linear probing of a
-            network that is not a classifier.
-        CheckpointError: the checkpoint cannot be read or too little of it fits the encoder.
+            network that is not a classifier, ``load_decoder=True`` for a network without a SwinUNETR decoder.
+        CheckpointError: the checkpoint cannot be read, too little of it fits the encoder, or ``load_decoder=True``
+            and none of its decoder fits.
     """
     if mode not in INITIALIZATION_MODES:
         raise ConfigError(f"initialisation mode {mode!r} is unknown; use one of {', '.join(INITIALIZATION_MODES)}.")
@@ -248,8 +268,13 @@ def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | M
         raise ConfigError(f"mode 'linear_probe' trains a classifier's final linear layer, and a "
                           f"{type(network).__name__} has none; use mode 'frozen' or 'finetune'.")
 
+    decoder = decoder_of(network)
+    if load_decoder and decoder is None:
+        raise ConfigError(f"load_decoder is on, but a {type(network).__name__} has no SwinUNETR decoder to load; "
+                          "set load_decoder to null (or false).")
     encoder = encoder_of(network)
-    report = load_encoder_weights(encoder, source, min_loaded_fraction=min_loaded_fraction)
+    report = load_encoder_weights(encoder, source, min_loaded_fraction=min_loaded_fraction, decoder=decoder,
+                                  load_decoder=load_decoder)
     print(f"pretrained encoder ({mode}): {report.summary()}")
     if mode == "frozen":
         encoder.requires_grad_(False)

@@ -473,6 +473,7 @@ def make_phantom(
     lesion_probability: float = 0.5,
     enlarged_spleen_probability: float = 0.3,
     noise_range: Sequence[float] = DEFAULT_NOISE_RANGE,
+    field_of_view_range: Sequence[Sequence[float]] | None = None,
 ) -> Phantom:
     """Make one synthetic abdominal CT phantom, deterministically for `seed`.
 
@@ -486,6 +487,10 @@ def make_phantom(
         lesion_probability: chance that the phantom has one to three lesions (liver or kidneys).
         enlarged_spleen_probability: chance of an enlarged spleen.
         noise_range: range of the standard deviation of the Gaussian noise, HU.
+        field_of_view_range: when given, three [low, high] ranges in mm: the field of view (and so the body) is
+            drawn in mm and the shape follows from the spacing, as on a scanner, instead of from `shape_range`.
+            Without it the body fills whatever grid is drawn, so its size in mm varies with the spacing (up to
+            4x per axis with the default ranges): fine for pretraining, too hard for a few-case segmentation.
 
     The anatomy depends only on the seed, so the same seed with another shape, spacing or orientation gives
     the same body on another grid.
@@ -506,6 +511,13 @@ def make_phantom(
     body_width, body_depth, axial_extent, axial_shift = geometry_rng.uniform(
         [0.8, 0.62, 0.9, -0.08], [0.92, 0.8, 1.05, 0.08])
     noise_std = geometry_rng.uniform(*_check_range("noise_range", noise_range, 0.0))
+    if field_of_view_range is not None:  # drawn last, so that the other draws stay those of the same seed without it
+        if len(field_of_view_range) != 3:
+            raise ConfigError(f"field_of_view_range is {field_of_view_range!r}; give three [low, high] pairs in mm.")
+        millimetres = [geometry_rng.uniform(*_check_range(f"field_of_view_range[{axis}]", field_of_view_range[axis],
+                                                          1.0)) for axis in range(3)]
+        drawn_shape = [max(8, int(round(size / step))) for size, step in
+                       zip(millimetres, (in_plane, in_plane, slice_spacing))]
     codes = [_check_orientation(code) for code in orientations]
     if not codes:
         raise ConfigError("orientations is empty; give at least one axis code such as 'RAS'.")
@@ -702,13 +714,14 @@ def synthesize(
     enlarged_spleen_probability: float = 0.3,
     with_labels: bool = True,
     name: str = "phantoms",
+    field_of_view_range: Sequence[Sequence[float]] | None = None,
 ) -> Path:
     """Write `n` phantoms as NIfTI files with a voco manifest into `out_dir`; returns the manifest path.
 
     Layout: out_dir/images/phantom_XXXX.nii.gz (int16 HU), out_dir/labels/phantom_XXXX.nii.gz (uint8, when
     `with_labels`), out_dir/manifest.json (one dataset `name`, modality CT, preset "ct_abdomen", one subject per
     phantom with its report and attributes) and a stamp file of the arguments. Phantom i is
-    ``make_phantom((seed, i), ...)``. Everything is written into a temporary sibling folder that is renamed into
+    ``make_phantom((seed, i), ...)`` (`field_of_view_range`: bodies of a consistent size in mm, see there). Everything is written into a temporary sibling folder that is renamed into
     place at the end, so `out_dir` is never half-written. A previous phantom folder is replaced; any other
     non-empty `out_dir` is refused.
     """
@@ -717,7 +730,7 @@ def synthesize(
                            in_plane_spacing_range=in_plane_spacing_range, slice_spacing_range=slice_spacing_range,
                            orientations=orientations, lesion_probability=lesion_probability,
                            enlarged_spleen_probability=enlarged_spleen_probability,
-                           with_labels=with_labels, name=name)
+                           with_labels=with_labels, name=name, field_of_view_range=field_of_view_range)
     with _staged_set(out_dir, with_labels) as staging:
         records = []
         for index in range(n):
@@ -725,7 +738,8 @@ def synthesize(
                                    in_plane_spacing_range=in_plane_spacing_range,
                                    slice_spacing_range=slice_spacing_range, orientations=orientations,
                                    lesion_probability=lesion_probability,
-                                   enlarged_spleen_probability=enlarged_spleen_probability)
+                                   enlarged_spleen_probability=enlarged_spleen_probability,
+                                   field_of_view_range=field_of_view_range)
             subject = f"phantom_{index:04d}"
             records.append({"dataset": name, "subject": subject, "study": "ct", "report": phantom.report,
                             "scan": _save_scan(phantom, staging, subject, with_labels)})

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voco.errors import ConfigError
+from voco.health import embedding_health
 from voco.pretext.views import as_generator, gather_with_gradient, is_distributed, new_figure, save_figure
 
 LOSSES = ("infonce", "siglip")
@@ -194,15 +195,17 @@ class CLIPPretext(nn.Module):
 
     Output: ``loss``, ``loss/contrastive`` (or ``loss/siglip``), ``loss/sentence_matching`` (weight > 0),
     ``metric/logit_scale``, ``metric/batch_top1`` (share of this rank's studies whose most similar report of the
-    gathered batch is their own).
+    gathered batch is their own), and the `voco.health.embedding_health` of this rank's study embeddings
+    (``health/embedding_std``, ``health/collapsed``, and ``health/top_component_share`` from 3 studies on).
 
     >>> from voco.networks import build_backbone
     >>> from voco.networks.text import SmallTextEncoder
     >>> backbone = build_backbone("vit", "tiny", input_size=(16, 16, 8), patch_size=(8, 8, 4), layout="slice")
     >>> pretext = CLIPPretext(backbone, SmallTextEncoder(["no", "mass", "."], width=32, depth=1, num_heads=2), 16)
     >>> output = pretext({"image": torch.rand(2, 3, 1, 16, 16, 8), "report": ["No mass.", "Mass."]})
-    >>> sorted(output)
-    ['loss', 'loss/contrastive', 'metric/batch_top1', 'metric/logit_scale']
+    >>> sorted(output)  # doctest: +NORMALIZE_WHITESPACE
+    ['health/collapsed', 'health/embedding_std', 'loss', 'loss/contrastive', 'metric/batch_top1',
+     'metric/logit_scale']
     """
 
     def __init__(self, backbone: nn.Module, text_encoder: nn.Module, embedding_dim: int = 512, loss: str = "infonce",
@@ -304,7 +307,8 @@ class CLIPPretext(nn.Module):
         if images.shape[0] * world_size < 2:
             raise ConfigError(f"the CLIP pretext needs at least 2 studies per step for negatives, got "
                               f"{images.shape[0]}; set the batch size to 2 or more.")
-        return self.losses(self.encode_studies(images, scan_mask), self.encode_reports(reports))
+        studies = self.encode_studies(images, scan_mask)
+        return {**self.losses(studies, self.encode_reports(reports)), **embedding_health(studies)}
 
     @torch.no_grad()
     def after_step(self) -> None:

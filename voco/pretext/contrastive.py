@@ -55,6 +55,7 @@ from torch import nn
 
 from voco.errors import ConfigError
 from voco.geometry import resample_boxes
+from voco.health import embedding_health
 from voco.networks.teacher import EMATeacher
 from voco.pretext.views import (as_generator, flip_rotate, gather_with_gradient, intensity_jitter, is_distributed,
                                 new_figure, regions, save_figure)
@@ -324,7 +325,9 @@ class ContrastivePretext(nn.Module):
         generator: a CPU ``torch.Generator`` or an int seed for views and masks (None: torch's global RNG).
 
     Output: ``loss``, ``loss/positive`` and ``loss/negative`` (cosine) or ``loss/infonce``,
-    ``metric/positive_cosine``, ``metric/negative_cosine``, ``metric/retrieval_top1`` (and ``teacher_momentum``).
+    ``metric/positive_cosine``, ``metric/negative_cosine``, ``metric/retrieval_top1``, the
+    `voco.health.embedding_health` of the student's embeddings of all views (``health/...``) and
+    ``teacher_momentum`` (with a teacher).
     """
 
     def __init__(self, backbone: nn.Module, num_views: int = 3, input_size: int | Sequence[int] | None = None,
@@ -422,7 +425,7 @@ class ContrastivePretext(nn.Module):
             loss = info_nce_loss(pairs, self.temperature)
             parts = {"infonce": loss}
         output = {"loss": loss, **{f"loss/{name}": value.detach() for name, value in parts.items()},
-                  **pair_metrics(pairs)}
+                  **pair_metrics(pairs), **embedding_health(student)}
         if self.teacher is not None:
             output["teacher_momentum"] = torch.tensor(self.teacher.current_momentum(), device=loss.device)
         return output

@@ -10,11 +10,11 @@ loss weights; every task still moves the shared encoder every n steps.
                              "contrastive": ContrastivePretext(backbone),
                              "query_box": QueryBoxPretext(backbone)})
 
-Logging: each task's losses and metrics are renamed under its own prefix — ``loss/<task>``,
-``loss/<task>/<part>``, ``metric/<task>/<name>`` — and every step's output carries the most recent values of
-every task that has run, so a log taken at any step shows all tasks, whatever the logging interval. ``loss``
-is the loss of the task that ran. Validation (``eval()`` mode) runs every task on the same batch and reports
-all of them; its ``loss`` is their sum.
+Logging: each task's losses, metrics and health signals are renamed under its own prefix — ``loss/<task>``,
+``loss/<task>/<part>``, ``metric/<task>/<name>``, ``health/<task>/<name>`` — and every step's output carries the
+most recent values of every task that has run, so a log taken at any step shows all tasks, whatever the logging
+interval. ``loss`` is the loss of the task that ran. Validation (``eval()`` mode) runs every task on the same batch
+and reports all of them; its ``loss`` is their sum.
 
 The step counter is a buffer, so a resumed run continues the cycle where it stopped.
 """
@@ -33,11 +33,11 @@ from voco.errors import ConfigError
 
 def task_prefixed(name: str, output: Mapping[str, Any]) -> dict[str, Any]:
     """A task's output under its prefix: ``loss`` -> ``loss/<name>``, ``loss/x`` -> ``loss/<name>/x``,
-    ``metric/x`` -> ``metric/<name>/x``, anything else ``x`` -> ``<name>/x``."""
+    ``metric/x`` -> ``metric/<name>/x``, ``health/x`` -> ``health/<name>/x``, anything else ``x`` -> ``<name>/x``."""
     renamed = {}
     for key, value in output.items():
         kind, _, part = key.partition("/")
-        if kind in ("loss", "metric"):
+        if kind in ("loss", "metric", "health"):
             renamed[f"{kind}/{name}" + (f"/{part}" if part else "")] = value
         else:
             renamed[f"{name}/{key}"] = value

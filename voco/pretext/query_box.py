@@ -43,6 +43,7 @@ from torch import nn
 
 from voco.errors import ConfigError
 from voco.geometry import resample_boxes
+from voco.health import embedding_health
 from voco.networks.vit import MLP, sincos_position_embedding
 from voco.pretext.views import as_generator, flip_rotate, intensity_jitter, new_figure, regions, save_figure
 
@@ -330,30 +331,41 @@ class QueryBoxPretext(nn.Module):
         return QueryBoxViews(crops, boxes.to(images.device), voxel_boxes)
 
     # ---------------------------------------------------------------- prediction
-    def predict(self, images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
-        """Regions ``[B, C, X, Y, Z]`` and their crops ``[B, M, C, ...]`` -> predicted boxes ``[B, M, 6]``
-        ((centre, size) fractions of the region, unsquashed)."""
-        batch_size, num_boxes = crops.shape[:2]
+    def encode(self, images: torch.Tensor, crops: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+        """Regions ``[B, C, X, Y, Z]`` and their crops ``[B, M, C, ...]`` -> tokens of the regions ``[B, T, dim]``
+        and of the crops ``[B M, T', dim]``, and the regions' token grid."""
+        batch_size = images.shape[0]
         crops = crops.flatten(0, 1)
         if crops.shape[1:] == images.shape[1:]:  # one backbone pass for regions and crops
             tokens, grid = self.encode_tokens(torch.cat([images, crops]))
-            region_tokens, crop_tokens = tokens[:batch_size], tokens[batch_size:]
-        else:
-            region_tokens, grid = self.encode_tokens(images)
-            crop_tokens, _ = self.encode_tokens(crops)
+            return tokens[:batch_size], tokens[batch_size:], grid
+        region_tokens, grid = self.encode_tokens(images)
+        return region_tokens, self.encode_tokens(crops)[0], grid
+
+    def locate(self, region_tokens: torch.Tensor, crop_tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """Tokens from `encode` -> predicted boxes ``[B, M, 6]`` ((centre, size) fractions of the region,
+        unsquashed)."""
+        batch_size = region_tokens.shape[0]
         queries = self.pool_block(self.query_token.expand(crop_tokens.shape[0], -1, -1), crop_tokens)  # [B M, 1, dim]
-        queries = queries.view(batch_size, num_boxes, -1)
+        queries = queries.view(batch_size, crop_tokens.shape[0] // batch_size, -1)
         position = self.position_table(grid, region_tokens)
         for block in self.cross_blocks:
             queries = block(queries, region_tokens, position)
         return self.box_head(self.norm(queries))
 
+    def predict(self, images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """Regions ``[B, C, X, Y, Z]`` and their crops ``[B, M, C, ...]`` -> predicted boxes ``[B, M, 6]``."""
+        return self.locate(*self.encode(images, crops))
+
     def forward(self, batch: Mapping[str, Any] | torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"image": [B, C, X, Y, Z]}`` (or the tensor) -> ``{"loss", "loss/l1", "loss/giou", "metric/box_iou",
-        "metric/box_centre_error"}`` (scalar tensors; all but "loss" detached)."""
+        "metric/box_centre_error"}`` and the `voco.health.embedding_health` of the encoder's tokens averaged per
+        region and per crop (``health/...``): scalar tensors, all but "loss" detached."""
         images = regions(batch, "the query-box pretext")
         views = self.make_views(images)
-        predicted = self.predict(images, views.crops)
+        region_tokens, crop_tokens, grid = self.encode(images, views.crops)
+        predicted = self.locate(region_tokens, crop_tokens, grid)
         parts = query_box_loss(predicted, views.boxes, self.l1_weight, self.giou_weight)
         return {
             "loss": parts["loss"],
@@ -361,6 +373,7 @@ class QueryBoxPretext(nn.Module):
             "loss/giou": parts["giou"].detach(),
             "metric/box_iou": parts["iou"],
             "metric/box_centre_error": parts["centre_error"],
+            **embedding_health(torch.cat([region_tokens.mean(dim=1), crop_tokens.mean(dim=1)])),
         }
 
     @torch.no_grad()

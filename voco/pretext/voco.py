@@ -9,8 +9,9 @@ One step, for a batch of B regions ``[B, 1, X, Y, Z]`` already on the device:
 1. **Crops.** Each region is cut into a grid of K *base crops* (V2: 3 x 3 of 64^3 over 192 x 192 x 64,
    full depth) and S *random crops* of the same size (S = 2). The *position label* of a random crop is
    the fraction of it inside each base crop (`voco.geometry.position_labels`): at most four non-zero,
-   summing to 1. Every crop gets its own flips, x-y rot90 and intensity shift; all crops of the batch
-   are cut in one gather on the device (no per-crop transform chain).
+   summing to 1. Every crop gets its own flips, x-y rot90 and intensity shift (its probability, like how V1
+   resizes its crops, comes with the layout); all crops of the batch are cut in one gather on the device (no
+   per-crop transform chain).
 2. **Embeddings.** The shared backbone embeds all B(K + S) crops in one pass. A *student* projector sees
    the embeddings through ``Dropout1d(0.2)`` (which drops whole crops); a *teacher* projector, initialised
    independently, is moved towards the student by EMA (m = 0.9) and then applied to the clean
@@ -40,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from voco.errors import ConfigError
-from voco.geometry import (CROP_SAMPLING_MODES, CropLayout, crop_boxes, get_layout, position_labels,
-                           sample_random_boxes)
+from voco.geometry import (CROP_SAMPLING_MODES, VOCO_V1_LAYOUT, VOCO_V2_LAYOUT, CropLayout, crop_boxes, get_layout,
+                           position_labels, sample_random_boxes)
+from voco.health import embedding_health
 from voco.networks.heads import VoCoProjector
 from voco.networks.teacher import EMATeacher
 from voco.pretext.views import as_generator, gather_with_gradient, is_distributed, new_figure, regions, save_figure
@@ -55,7 +57,7 @@ INTER_VOLUME_MODES = ("batch", "global")
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CropAugmentation:
-    """Per-crop augmentation of the reference (V2 values; `V1_AUGMENTATION` shifts intensities less often)."""
+    """Per-crop augmentation of the reference (V2 values; `reference_augmentation` gives a layout's own)."""
 
     flip_probability: float = 0.2  # for each of the three axes
     rotate_probability: float = 0.2  # rot90 in the x-y plane, k uniform in 1..3
@@ -63,8 +65,25 @@ class CropAugmentation:
     shift_range: float = 0.1
 
 
-V2_AUGMENTATION = CropAugmentation()
-V1_AUGMENTATION = CropAugmentation(shift_probability=0.1)
+def reference_augmentation(layout: str | CropLayout) -> CropAugmentation:
+    """The reference's per-crop augmentation for a layout: flips and rotations as in V2, the intensity shift with
+    the layout's probability (V2: 0.5, V1: 0.1)."""
+    return CropAugmentation(shift_probability=get_layout(layout).shift_probability)
+
+
+def crop_augmentation(augmentation: bool | CropAugmentation | Mapping | None,
+                      layout: str | CropLayout) -> CropAugmentation | None:
+    """An augmentation setting as a `CropAugmentation`: True = the layout's reference one, False or None = none,
+    a dict = its fields."""
+    if augmentation is True:
+        return reference_augmentation(layout)
+    if isinstance(augmentation, Mapping):
+        return CropAugmentation(**augmentation)
+    return augmentation or None
+
+
+V2_AUGMENTATION = reference_augmentation(VOCO_V2_LAYOUT)
+V1_AUGMENTATION = reference_augmentation(VOCO_V1_LAYOUT)
 
 
 @dataclass
@@ -97,14 +116,16 @@ def sample_augmentation(augmentation: CropAugmentation, batch_size: int, num_cro
 
 
 def make_crops(images: torch.Tensor, layout: CropLayout, random_crops_per_volume: int = 2,
-               crop_sampling: str = "uniform", augmentation: CropAugmentation | None = V2_AUGMENTATION,
+               crop_sampling: str = "uniform", augmentation: bool | CropAugmentation | Mapping | None = True,
                generator: torch.Generator | None = None) -> VoCoCrops:
     """Cut the base and random crops of a batch of regions ``[B, C, *layout.region_size]`` on their device.
 
-    Boxes and augmentation parameters are drawn from ``generator`` (CPU; None = torch's global one), so
-    that crops and labels are reproducible. Labels describe the boxes; flips and rotations change how a
-    crop is oriented, not which voxels it holds. Crops are resized (trilinear) when the layout says so (V1).
+    ``augmentation``: see `crop_augmentation` (True: the layout's reference augmentation). Boxes and augmentation
+    parameters are drawn from ``generator`` (CPU; None = torch's global one), so that crops and labels are
+    reproducible. Labels describe the boxes; flips and rotations change how a crop is oriented, not which voxels
+    it holds. Crops are resized (trilinear, with the layout's ``align_corners``) when the layout says so (V1).
     """
+    augmentation = crop_augmentation(augmentation, layout)
     batch_size, channels = images.shape[:2]
     num_base, num_random = layout.num_base_crops, random_crops_per_volume
     # Boxes, labels and augmentation parameters are a few numbers: drawn on the CPU, then moved once.
@@ -117,7 +138,8 @@ def make_crops(images: torch.Tensor, layout: CropLayout, random_crops_per_volume
         flips, rotations, offsets = sample_augmentation(augmentation, batch_size, num_base + num_random, generator)
     crops = crop_boxes(images, boxes, flips, rotations)  # [B, N, C, *crop_size]
     if layout.needs_resize:
-        crops = F.interpolate(crops.flatten(0, 1), size=layout.input_size, mode="trilinear", align_corners=False)
+        crops = F.interpolate(crops.flatten(0, 1), size=layout.input_size, mode="trilinear",
+                              align_corners=layout.align_corners)
         crops = crops.view(batch_size, num_base + num_random, channels, *layout.input_size)
     if offsets is not None:
         crops.add_(offsets.to(crops)[..., None, None, None, None])  # in place: crops is a fresh tensor
@@ -128,12 +150,23 @@ def make_crops(images: torch.Tensor, layout: CropLayout, random_crops_per_volume
 # --------------------------------------------------------------------------------------------------
 # Similarity and losses (exactly the reference's; test vectors in specs/voco.md section 4)
 # --------------------------------------------------------------------------------------------------
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a, b) of every row of ``a [..., S, P]`` with every row of ``b [..., K, P]`` -> ``[..., S, K]``.
+
+    In float32 (or float64) whatever the autocast state, as the reference's ``cosine_similarity``: in bf16, cosines
+    above ~0.998 round to 1, where ``log(1 - p)`` of the position loss is largest (near collapse)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    with torch.autocast(a.device.type, enabled=False):
+        return F.normalize(a.to(dtype), dim=-1) @ F.normalize(b.to(dtype), dim=-1).transpose(-1, -2)
+
+
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """s(a, b) = ReLU(cos(a, b)) of every row of ``a [..., S, P]`` with every row of ``b [..., K, P]``.
 
-    Returns ``[..., S, K]``; no temperature, no softmax. A single vector ``a [P]`` gives ``[K]``.
+    Returns ``[..., S, K]`` (float32 at least, see `cosines`); no temperature, no softmax. A single vector ``a [P]``
+    gives ``[K]``.
     """
-    return F.relu(F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(-1, -2))
+    return F.relu(cosines(a, b))
 
 
 def position_loss(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
@@ -166,9 +199,8 @@ def regularization_loss(bases: torch.Tensor) -> torch.Tensor:
 
     ``[..., K, P] -> [...]``."""
     num_bases = bases.shape[-2]
-    cosines = F.normalize(bases, dim=-1) @ F.normalize(bases.detach(), dim=-1).transpose(-1, -2)  # [..., K, K]
     pairs = torch.triu(torch.ones(num_bases, num_bases, dtype=torch.bool, device=bases.device), diagonal=1)
-    return F.relu(cosines[..., pairs]).pow(2).mean(dim=-1)
+    return F.relu(cosines(bases, bases.detach())[..., pairs]).pow(2).mean(dim=-1)
 
 
 def next_volume_bases(bases: torch.Tensor, inter_volume: str = "batch") -> torch.Tensor:
@@ -218,6 +250,10 @@ def voco_losses(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
 class VoCoPretext(nn.Module):
     """VoCo around a backbone: ``forward(batch) -> {"loss", "loss/intra", "loss/inter", ...}``.
 
+    Output: ``loss``, ``loss/intra``, ``loss/inter``, ``loss/regularization``, ``metric/position_mae``,
+    ``metric/position_top1``, ``teacher_momentum`` and the `voco.health.embedding_health` of the teacher's
+    projections (``health/embedding_std``, ``health/top_component_share``, ``health/collapsed``).
+
     Args:
         backbone: maps crops ``[N, C, *input_size] -> [N, embedding_dim]`` and has ``embedding_dim``
             (e.g. ``build_backbone("swin", "B")``).
@@ -225,7 +261,8 @@ class VoCoPretext(nn.Module):
         random_crops_per_volume: S (reference: 2).
         crop_sampling: "uniform" (ours: random crops reach every edge) or "reference" (centres in
             [r/2, X - r/2)); see `voco.geometry.sample_random_boxes`.
-        augmentation: per-crop augmentation: True (V2 values), False, a `CropAugmentation` or a dict of its fields.
+        augmentation: per-crop augmentation: True (the reference's for the layout: V2's, or V1's rarer intensity
+            shift), False, a `CropAugmentation` or a dict of its fields.
         projector_hidden_dim, projector_out_dim: projector widths (V2: 1024, 1024).
         student_dropout: p of the ``Dropout1d`` before the student projector (0.2); active in training only
             (the reference also applies it in evaluation).
@@ -261,9 +298,7 @@ class VoCoPretext(nn.Module):
         self.layout = get_layout(layout)
         self.random_crops_per_volume = int(random_crops_per_volume)
         self.crop_sampling, self.loss_form, self.inter_volume = crop_sampling, loss_form, inter_volume
-        if isinstance(augmentation, Mapping):
-            augmentation = CropAugmentation(**augmentation)
-        self.augmentation = V2_AUGMENTATION if augmentation is True else (augmentation or None)
+        self.augmentation = crop_augmentation(augmentation, self.layout)
         self.loss_weights = {"intra": intra_weight, "inter": inter_weight, "regularization": regularization_weight}
         self.generator = as_generator(generator)
 
@@ -320,6 +355,8 @@ class VoCoPretext(nn.Module):
             "metric/position_mae": (predictions - labels).abs().mean(),
             "metric/position_top1": (predictions.argmax(-1) == labels.argmax(-1)).float().mean(),
             "teacher_momentum": torch.tensor(momentum, device=loss.device),
+            # the teacher's projections of all B (K + S) crops: clean (dropout maps every dropped crop to one vector)
+            **embedding_health(teacher),
         }
 
     @torch.no_grad()

@@ -1,0 +1,111 @@
+"""Collapse signals of a batch of embeddings (voco.health) and the one warning StepLogger prints for a collapsing run."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine
+
+from voco.engine import StepLogger
+from voco.health import COLLAPSE_STD_FRACTION, collapse_warning, embedding_health
+
+WIDTH = 64
+
+
+def spread_embeddings(count: int = 22, width: int = WIDTH, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, width, generator=torch.Generator().manual_seed(seed))
+
+
+def collapsed_embeddings(count: int = 22, width: int = WIDTH, noise: float = 1e-4) -> torch.Tensor:
+    """One vector for every input, up to a little noise (complete collapse)."""
+    return torch.ones(count, width) + noise * spread_embeddings(count, width, seed=1)
+
+
+def test_spread_embeddings_look_healthy_and_the_values_are_exact():
+    embeddings = 3.0 * spread_embeddings()  # the scale does not matter: the embeddings are L2-normalised first
+    health = embedding_health(embeddings)
+    assert set(health) == {"health/embedding_std", "health/top_component_share", "health/collapsed"}
+    unit = F.normalize(embeddings, dim=-1).double()
+    expected_std = unit.std(dim=0).mean()
+    centred = unit - unit.mean(dim=0)
+    variances = torch.linalg.eigvalsh(centred.T @ centred)  # the squared singular values, another way
+    torch.testing.assert_close(health["health/embedding_std"].double(), expected_std, rtol=1e-5, atol=0)
+    torch.testing.assert_close(health["health/top_component_share"].double(), variances[-1] / variances.sum(),
+                               rtol=1e-4, atol=0)
+    assert 0.9 / WIDTH ** 0.5 < health["health/embedding_std"] < 1.0 / WIDTH ** 0.5  # ~1/sqrt(D) on the sphere
+    assert health["health/top_component_share"] < 0.2 and health["health/collapsed"].item() == 0.0
+    assert all(value.dtype == torch.float32 and value.ndim == 0 for value in health.values())
+
+
+def test_complete_and_dimensional_collapse_are_flagged():
+    complete = embedding_health(collapsed_embeddings())
+    assert complete["health/embedding_std"] < COLLAPSE_STD_FRACTION / WIDTH ** 0.5
+    assert complete["health/collapsed"].item() == 1.0
+    # Spread along one direction only: the std is large, the top component holds all the variance.
+    base, direction = spread_embeddings(2, seed=2)
+    line = base + torch.linspace(-0.5, 0.5, 22)[:, None] * direction  # normalised: a short arc, nearly a line
+    dimensional = embedding_health(line)
+    assert dimensional["health/embedding_std"] > COLLAPSE_STD_FRACTION / WIDTH ** 0.5
+    assert dimensional["health/top_component_share"] > 0.95 and dimensional["health/collapsed"].item() == 1.0
+
+
+def test_small_batches_non_finite_values_gradients_and_autocast():
+    assert embedding_health(spread_embeddings(1)) == {}  # no spread of one vector
+    two = embedding_health(spread_embeddings(2))
+    assert set(two) == {"health/embedding_std", "health/collapsed"}  # two centred vectors always lie on one line
+    broken = spread_embeddings(8)
+    broken[3, 5] = float("nan")
+    assert all(torch.isnan(value) for value in embedding_health(broken).values())  # no error: NaN, not collapsed
+    embeddings = spread_embeddings(8).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        health = embedding_health(embeddings.to(torch.bfloat16))
+    assert all(value.dtype == torch.float32 and not value.requires_grad for value in health.values())
+    torch.testing.assert_close(health["health/embedding_std"], embedding_health(embeddings)["health/embedding_std"],
+                               rtol=1e-2, atol=0)  # bf16 inputs, float32 arithmetic
+    assert embeddings.grad is None
+
+
+def test_collapse_warning_names_the_values_and_the_task():
+    values = {"loss": 1.0, "health/embedding_std": 0.002, "health/top_component_share": 0.98, "health/collapsed": 1.0}
+    assert collapse_warning(values, 400) == (
+        "warning: the embeddings are collapsing (std 0.002, top component 98 % of variance at step 400); try a lower "
+        "learning rate, a larger batch, a higher teacher momentum, or check that the regions differ.")
+    cyclic = {"health/mae/embedding_std": 0.01, "health/mae/collapsed": 0.0,
+              "health/contrastive/embedding_std": 0.0005, "health/contrastive/collapsed": 1.0}
+    assert collapse_warning(cyclic, 7).startswith(
+        "warning: the contrastive task's embeddings are collapsing (std 0.0005 at step 7); try")
+    assert collapse_warning({**values, "health/collapsed": 0.0}, 400) is None
+    assert collapse_warning({"loss": 1.0}, 400) is None
+
+
+def run_logger(outputs, max_steps: int = 100, interval: int = 10, **options) -> str:
+    """What a StepLogger prints over a run whose step i (1-based) returns ``outputs(i)``."""
+    stream = io.StringIO()
+    engine = Engine(lambda engine, batch: [outputs(engine.state.iteration)])
+    StepLogger(interval=interval, stream=stream, **options).attach(engine)
+    engine.run(range(max_steps), max_epochs=1)
+    return stream.getvalue()
+
+
+def test_step_logger_warns_once_when_the_embeddings_stay_collapsed():
+    collapsed = {"loss": torch.tensor(1.0), "volumes": 2, **embedding_health(collapsed_embeddings())}
+    healthy = {"loss": torch.tensor(1.0), "volumes": 2, **embedding_health(spread_embeddings())}
+    logged = {key: float(value) for key, value in collapsed.items()}  # what StepLogger reads from the device
+
+    printed = run_logger(lambda step: collapsed)
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    # steps 10 and below are the first 10 % of the run (not judged); 20, 30, 40 are three logged steps in a row
+    assert warnings == [collapse_warning(logged, 40)]
+    assert f"(std {logged['health/embedding_std']:.3g}, top component" in warnings[0]
+    assert printed.index("step 40/100") < printed.index("warning:") < printed.index("step 50/100")
+
+    assert "warning:" not in run_logger(lambda step: healthy)
+    # never three collapsed logged steps in a row: every third logged step is healthy
+    assert "warning:" not in run_logger(lambda step: healthy if step % 30 == 0 else collapsed)
+    assert run_logger(lambda step: collapsed, collapse_warmup=0.0, collapse_patience=1).count("warning:") == 1
+    assert "at step 10);" in run_logger(lambda step: collapsed, collapse_warmup=0.0, collapse_patience=1)
+    # a short run is all warm-up and patience: a smoke run of an untrained encoder says nothing
+    assert "warning:" not in run_logger(lambda step: collapsed, max_steps=4, interval=2)
