@@ -148,7 +148,8 @@ def _data_path(datalist: list[dict], region_size: tuple[int, ...], batch_size: i
     from monai.data import list_data_collate
     from voco_inputs import median_ms
 
-    from voco.data.regions import build_region_dataset, preset_transforms, region_transforms, stored_dtype
+    from voco.data.compact import stored_dtype
+    from voco.data.regions import build_region_dataset, preset_transforms, region_transforms
 
     preset = datalist[0].get("preset", "ct_abdomen")
     preprocess = mt.Compose(preset_transforms(preset, region_size))

@@ -35,14 +35,16 @@ SWIN = {"name": "swin", "size": "tiny", "in_channels": 1, "use_checkpoint": Fals
 VIT = {"name": "vit", "size": "tiny", "in_channels": 1, "input_size": [64, 64, 32], "patch_size": 16,
        "layout": "global", "use_checkpoint": False}
 REGION = [64, 64, 32]  # phantom-seg's roi: what the fine-tuned networks take
-# pretext -> (bundle, backbone, overrides of the bundle's smoke settings)
+# pretext -> (bundle, backbone, overrides of the bundle's smoke settings, default pretraining steps). The step
+# counts give each pretext a few minutes on the 2-core CPU: a VoCo step (batch 2, 4 base + 2 random crops) costs
+# about 20 ViT steps.
 PRETEXTS = {
-    "voco": ("voco_pretrain", SWIN, {"layout": "$voco.geometry.CropLayout.tiled((32, 32, 32), (2, 2))"}),
-    "simmim_swin": ("mae_pretrain", SWIN, {"variant": "simmim", "region_size": REGION}),
-    "mae": ("mae_pretrain", VIT, {"region_size": REGION}),
-    "query_box": ("querybox_pretrain", VIT, {"region_size": REGION}),
-    "contrastive": ("multitask_pretrain", VIT, {"region_size": REGION, "task_names": ["contrastive"]}),
-    "cyclic": ("multitask_pretrain", VIT, {"region_size": REGION}),
+    "voco": ("voco_pretrain", SWIN, {}, 240),  # the smoke layout: 2 x 2 base crops of 32 x 32 x 64
+    "simmim_swin": ("mae_pretrain", SWIN, {"variant": "simmim", "region_size": REGION}, 600),
+    "mae": ("mae_pretrain", VIT, {"region_size": REGION}, 1600),
+    "query_box": ("querybox_pretrain", VIT, {"region_size": REGION}, 1600),
+    "contrastive": ("multitask_pretrain", VIT, {"region_size": REGION, "task_names": ["contrastive"]}, 1600),
+    "cyclic": ("multitask_pretrain", VIT, {"region_size": REGION}, 1600),
 }
 
 
@@ -50,11 +52,11 @@ def pretrain(pretext: str, manifest: Path, steps: int, out: Path, tracking_uri: 
     """The pretext's final checkpoint, trained with its bundle unless a finished one is there."""
     from voco.checkpoints import find_latest_checkpoint
 
-    bundle, backbone, overrides = PRETEXTS[pretext]
+    bundle, backbone, overrides, _ = PRETEXTS[pretext]
     run_name = f"benefit-{pretext}-{steps}steps"
     checkpoints = out / "runs" / run_name / "checkpoints"
     final = checkpoints / "checkpoint_final.pt"
-    if final.is_file():
+    if trained_steps(final) >= steps:
         return final
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
                str([str(Path("bundles") / bundle / "configs" / name) for name in ("train.json", "smoke.json")]),
@@ -72,12 +74,23 @@ def pretrain(pretext: str, manifest: Path, steps: int, out: Path, tracking_uri: 
     started = time.perf_counter()
     result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     (out / f"pretrain_{pretext}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0 or not final.is_file():
+    if result.returncode != 0 or trained_steps(final) < steps:
         latest = find_latest_checkpoint(checkpoints)
         raise SystemExit(f"pretraining {pretext} failed (exit {result.returncode}, latest checkpoint {latest}); "
                          f"see {out / f'pretrain_{pretext}.log'}.")
     print(f"pretrained {pretext}: {steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
     return final
+
+
+def trained_steps(checkpoint: Path) -> int:
+    """The iteration a pretraining checkpoint was written at; 0 when there is none. A run that failed at its
+    start also leaves a `checkpoint_final.pt` (written on the exception), so its existence proves nothing."""
+    import torch
+
+    if not checkpoint.is_file():
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return int(state.get("trainer", {}).get("iteration", 0))
 
 
 def probe_encoder(backbone_spec: dict, checkpoint: Path | None, probe_set, seed: int) -> dict[str, float]:
@@ -96,8 +109,9 @@ def probe_encoder(backbone_spec: dict, checkpoint: Path | None, probe_set, seed:
 
 
 def finetune(task, dataset_dir: Path, backbone: str, checkpoint: Path | None, cases: int, seed: int,
-             steps: int, eval_every: int, recipe: dict) -> list[tuple[int, float, float]]:
-    """Fine-tune phantom-seg with the CPU recipe; returns [(step, large-organ Dice, mean Dice)] on validation."""
+             steps: int, eval_every: int, recipe: dict, mode: str = "finetune") -> list[tuple[int, float, float]]:
+    """Fine-tune phantom-seg with the CPU recipe; returns [(step, large-organ Dice, mean Dice)] on validation.
+    `mode` "frozen" trains the decoder alone on the frozen encoder (pretrained or, without a checkpoint, random)."""
     import torch
     from monai.data import CacheDataset, DataLoader
     from monai.inferers import sliding_window_inference
@@ -107,7 +121,7 @@ def finetune(task, dataset_dir: Path, backbone: str, checkpoint: Path | None, ca
     from monai.utils import set_determinism
 
     from voco.benchmark.finetune import task_datalists
-    from voco.benchmark.networks import build_task_network, initialize_from_pretrained, task_loss
+    from voco.benchmark.networks import build_task_network, encoder_of, initialize_from_pretrained, task_loss
     from voco.benchmark.phantom_tasks import class_groups
     from voco.benchmark.transforms import task_transforms
 
@@ -119,8 +133,11 @@ def finetune(task, dataset_dir: Path, backbone: str, checkpoint: Path | None, ca
     loader = DataLoader(train_set, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(seed))
     network = build_task_network(task, backbone=backbone, size="tiny", window_size=recipe["window_size"])
     if checkpoint is not None:
-        initialize_from_pretrained(network, str(checkpoint), mode="finetune")
-    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe["learning_rate"],
+        initialize_from_pretrained(network, str(checkpoint), mode=mode)
+    elif mode == "frozen":
+        encoder_of(network).requires_grad_(False)
+    trained = [parameter for parameter in network.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=recipe["learning_rate"],
                                   weight_decay=recipe["weight_decay"])
     schedule = WarmupCosineSchedule(optimizer, warmup_steps=max(1, steps // 20), t_total=steps)
     loss_function = task_loss(task)
@@ -176,14 +193,15 @@ def paired(values: list[float], baseline: list[float]) -> str:
     return " / ".join(f"{d:+.1f}" for d in differences) if differences else "-"
 
 
-def write_report(results: dict, args: argparse.Namespace, results_dir: Path, seconds: float) -> Path:
+def write_report(results: dict, args: argparse.Namespace, results_dir: Path) -> Path:
     """benchmark.md, benchmark.json and learning_curves.png."""
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "benchmark.json").write_text(json.dumps(results, indent=1))
     seeds = [str(seed) for seed in args.seeds]
-    lines = [f"# Pretraining benefit on phantom-seg (tiny encoders, CPU)", "",
-             f"Command: `{results['command']}`  ", f"Wall time: {seconds / 60:.0f} min on this machine. "
-             f"Seeds {', '.join(seeds)}; Dice in points (×100); paired differences are pretrained − scratch per "
+    lines = ["# Pretraining benefit on phantom-seg (tiny encoders, CPU)", "",
+             "Commands, run in this order on one `--out` folder (each reuses what the ones before finished):", "",
+             *[f"    {command}" for command in results["commands"]], "",
+             f"Wall time: {results['seconds'] / 60:.0f} min in all on this machine (2 CPU cores). Seeds {', '.join(seeds)}; Dice in points (×100); paired differences are pretrained − scratch per "
              f"seed.", "", "## Frozen probe (mean Dice over the 11 classes, held-out probe phantoms)", "",
              "| encoder | backbone | probe Dice | paired difference vs scratch |", "|---|---|---|---|"]
     probe = results["probe"]
@@ -193,20 +211,24 @@ def write_report(results: dict, args: argparse.Namespace, results_dir: Path, sec
         difference = "-" if name.startswith("scratch") else paired(row["dice"], baseline)
         lines.append(f"| {name} | {backbone} | {mean_std(row['dice'])} | {difference} |")
     lines += ["", "## Fine-tuning (large-organ Dice at the end: liver, spleen, kidneys, stomach; validation "
-              "phantoms)", "", "| encoder | backbone | cases | final Dice | paired difference vs scratch | "
-              "convergence fraction |", "|---|---|---|---|---|---|"]
+              "phantoms)", "", "Protocol `finetune` trains the whole network; `frozen` trains the decoder on the frozen "
+              "encoder (pretrained, or random for scratch).", "",
+              "| encoder | backbone | protocol | cases | final Dice | paired difference vs scratch | "
+              "convergence fraction |", "|---|---|---|---|---|---|---|"]
     finetunes = results["finetune"]
     for key, row in finetunes.items():
         name, backbone, cases = row["encoder"], row["backbone"], row["cases"]
         finals = [curve[-1][1] for curve in row["curves"]]
-        scratch = finetunes.get(f"scratch_{backbone}/{cases}")
+        protocol = row.get("mode", "finetune")
+        scratch = finetunes.get(f"scratch_{backbone}/{cases}" + ("" if protocol == "finetune" else f"/{protocol}"))
         if name.startswith("scratch") or scratch is None:
             difference, fraction = "-", "-"
         else:
             difference = paired(finals, [curve[-1][1] for curve in scratch["curves"]])
             fractions = [convergence_fraction(a, b) for a, b in zip(row["curves"], scratch["curves"])]
             fraction = " / ".join("never" if f is None else f"{f:.2f}" for f in fractions)
-        lines.append(f"| {name} | {backbone} | {cases} | {mean_std(finals)} | {difference} | {fraction} |")
+        lines.append(f"| {name} | {backbone} | {protocol} | {cases} | {mean_std(finals)} | {difference} | "
+                     f"{fraction} |")
     (results_dir / "benchmark.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -216,6 +238,8 @@ def write_report(results: dict, args: argparse.Namespace, results_dir: Path, sec
     except ImportError:
         return results_dir / "benchmark.md"
     case_counts = sorted({row["cases"] for row in finetunes.values()})
+    encoders = sorted({row["encoder"] for row in finetunes.values()})
+    colours = {name: f"C{index}" for index, name in enumerate(encoders)}  # one colour per encoder in every panel
     figure, axes = plt.subplots(1, len(case_counts), figsize=(4.5 * len(case_counts), 3.6), squeeze=False)
     for axis, cases in zip(axes[0], case_counts):
         for row in finetunes.values():
@@ -223,8 +247,11 @@ def write_report(results: dict, args: argparse.Namespace, results_dir: Path, sec
                 continue
             steps = [point[0] for point in row["curves"][0]]
             dice = [statistics.mean(curve[i][1] for curve in row["curves"]) for i in range(len(steps))]
-            axis.plot(steps, dice, label=row["encoder"], linestyle="--" if row["encoder"].startswith("scratch")
-                      else "-")
+            protocol = row.get("mode", "finetune")
+            axis.plot(steps, dice, label=row["encoder"] + ("" if protocol == "finetune" else f" ({protocol})"),
+                      color=colours[row["encoder"]],
+                      linestyle="--" if row["encoder"].startswith("scratch") else "-",
+                      linewidth=1.0 if protocol == "frozen" else 1.8)
         axis.set(title=f"{cases} labelled case{'s' if cases > 1 else ''}", xlabel="fine-tuning step",
                  ylabel="large-organ Dice (mean over seeds)", ylim=(0, 1))
         axis.legend(fontsize=7)
@@ -238,22 +265,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretexts", nargs="+", default=list(PRETEXTS), choices=list(PRETEXTS))
     parser.add_argument("--pretrain_phantoms", type=int, default=24)
-    parser.add_argument("--pretrain_steps", type=int, default=200)
+    parser.add_argument("--pretrain_steps", type=float, default=1.0,
+                        help="a multiple of each pretext's default step count (voco 240, simmim_swin 600, the "
+                             "ViT pretexts 1600)")
     parser.add_argument("--probe_phantoms", type=int, default=16)
-    parser.add_argument("--finetune", nargs="+", default=["voco", "simmim_swin", "mae"],
+    parser.add_argument("--finetune", nargs="+", default=["voco", "query_box", "mae"],
                         help="pretexts that are also fine-tuned (with scratch of their backbone)")
     parser.add_argument("--cases", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--finetune_steps", type=int, default=200)
     parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--finetune_modes", nargs="+", default=["finetune"], choices=["finetune", "frozen"],
+                        help="fine-tuning protocols: the whole network, and/or the decoder on the frozen encoder")
     parser.add_argument("--scale", action="store_true",
-                        help="GPU-sized: 200 pretraining phantoms, 2000 pretraining steps, 1/2/4/8 cases, 600 "
+                        help="GPU-sized: 200 pretraining phantoms, 10x the pretraining steps, 1/2/4/8 cases, 600 "
                              "fine-tuning steps")
     parser.add_argument("--out", default="runs/pretraining_benefit")
     parser.add_argument("--results", default="benchmarks/results")
     args = parser.parse_args()
     if args.scale:
-        args.pretrain_phantoms, args.pretrain_steps, args.cases, args.finetune_steps = 200, 2000, [1, 2, 4, 8], 600
+        args.pretrain_phantoms, args.pretrain_steps, args.cases, args.finetune_steps = 200, 10.0, [1, 2, 4, 8], 600
     os.chdir(Path(__file__).resolve().parents[1])  # bundles/ and configs are found from the repository root
 
     from voco.benchmark import phantom_tasks
@@ -279,16 +310,18 @@ def main() -> None:
     recipe.setdefault("crop_sampling", "classes")
     recipe.setdefault("weight_decay", 1e-5)
 
-    checkpoints = {pretext: pretrain(pretext, manifest, args.pretrain_steps, out, tracking_uri)
+    steps = {pretext: max(int(PRETEXTS[pretext][3] * args.pretrain_steps), 1) for pretext in args.pretexts}
+    checkpoints = {pretext: pretrain(pretext, manifest, steps[pretext], out, tracking_uri)
                    for pretext in args.pretexts}
     backbones = {name: spec for name, spec in (("swin", SWIN), ("vit", VIT))
                  if any(PRETEXTS[p][1] is spec for p in args.pretexts)}
 
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    results["command"] = "python benchmarks/pretraining_benefit.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/pretraining_benefit.py " + " ".join(sys.argv[1:])
+    results["commands"] = results.get("commands", []) + [command.strip()]  # every run that added to these results
     probe_set = load_probe_set(probe_manifest, REGION)
-    results["probe"] = {}
+    results.setdefault("probe", {})  # rows of other pretexts measured before stay
     for name, checkpoint, backbone in ([(f"scratch_{b}", None, b) for b in backbones]
                                        + [(p, checkpoints[p], PRETEXTS[p][1]["name"]) for p in args.pretexts]):
         spec = SWIN if backbone == "swin" else VIT
@@ -300,22 +333,29 @@ def main() -> None:
     finetunes = results.setdefault("finetune", {})
     encoders = [(f"scratch_{b}", None, b) for b in sorted({PRETEXTS[p][1]["name"] for p in args.finetune})]
     encoders += [(p, checkpoints[p], PRETEXTS[p][1]["name"]) for p in args.finetune if p in checkpoints]
-    budget = {"steps": args.finetune_steps, "eval_every": args.eval_every, "seeds": args.seeds}
-    for cases in args.cases:
-        for name, checkpoint, backbone in encoders:
-            key = f"{name}/{cases}"
-            if finetunes.get(key, {}).get("budget") == budget:
-                continue  # finished with the same settings: an interrupted benchmark goes on from here
-            began = time.perf_counter()
-            curves = [finetune(task, dataset_dir, backbone, checkpoint, cases, seed, args.finetune_steps,
-                               args.eval_every, recipe) for seed in args.seeds]
-            finetunes[key] = {"encoder": name, "backbone": backbone, "cases": cases, "curves": curves,
-                              "budget": budget}
-            results_file.write_text(json.dumps(results))
-            print(f"fine-tune {key}: {mean_std([c[-1][1] for c in curves])} large-organ Dice "
-                  f"({time.perf_counter() - began:.0f} s)", flush=True)
+    budget = {"steps": args.finetune_steps, "eval_every": args.eval_every}
+    for mode in args.finetune_modes:
+        for cases in args.cases:
+            for name, checkpoint, backbone in encoders:
+                key = f"{name}/{cases}" + ("" if mode == "finetune" else f"/{mode}")
+                cell = {**budget, "pretrain_steps": steps.get(name), "pretrain_phantoms": args.pretrain_phantoms}
+                if finetunes.get(key, {}).get("budget") != cell:
+                    finetunes[key] = {"encoder": name, "backbone": backbone, "cases": cases, "mode": mode,
+                                      "budget": cell, "by_seed": {}}
+                by_seed = finetunes[key]["by_seed"]
+                began = time.perf_counter()
+                for seed in args.seeds:
+                    if str(seed) in by_seed:
+                        continue  # finished with the same settings: an interrupted benchmark goes on from here
+                    by_seed[str(seed)] = finetune(task, dataset_dir, backbone, checkpoint, cases, seed,
+                                                  args.finetune_steps, args.eval_every, recipe, mode)
+                    results_file.write_text(json.dumps(results))
+                finetunes[key]["curves"] = [by_seed[str(seed)] for seed in args.seeds]
+                print(f"fine-tune {key}: {mean_std([c[-1][1] for c in finetunes[key]['curves']])} large-organ "
+                      f"Dice ({time.perf_counter() - began:.0f} s)", flush=True)
+    results["seconds"] = results.get("seconds", 0.0) + time.perf_counter() - started
     results_file.write_text(json.dumps(results))
-    report = write_report(results, args, Path(args.results).resolve(), time.perf_counter() - started)
+    report = write_report(results, args, Path(args.results).resolve())
     print(report.read_text())
     print(f"finished in {(time.perf_counter() - started) / 60:.1f} min; report in {report}")
 

@@ -23,12 +23,50 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+# The three real sample volumes: (file name, shape, spacing in mm, orientation, dtype, modality). Their stand-ins
+# are phantoms written with the same properties, so a clean clone (no ../shared/data) checks the same things.
+SAMPLE_VOLUMES = (("ct_abdomen_3mm.nii.gz", (122, 101, 112), 3.0, "RAS", "int32", "CT"),
+                  ("ct_thorax_1p5mm.nii.gz", (122, 102, 112), 1.5, "LPS", "int16", "CT"),
+                  ("mr_abdomen_3mm.nii.gz", (117, 91, 20), 3.0, "LPS", "int16", "MR"))
+
+
+def write_sample_stand_ins(folder: Path) -> Path:
+    """Phantoms in place of the real sample volumes: the same names, shapes, spacings, orientations (the thorax
+    and MR files stored LPS, flipped on disk), dtypes and value ranges (CT in HU beyond both windows; MR positive
+    with air at 0 and a slightly negative minimum, as the real one)."""
+    import nibabel as nib
+    import numpy as np
+
+    from voco.data.phantoms import make_phantom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (name, shape, spacing, orientation, dtype, modality) in enumerate(SAMPLE_VOLUMES):
+        phantom = make_phantom(seed, shape=shape, spacing=(spacing,) * 3, orientation=orientation)
+        values = np.clip(np.rint(phantom.image), -1024, 3071)
+        if modality == "MR":  # a T1-like mapping of the anatomy: air 0, fat bright, one voxel just below zero
+            values = np.where(values > -500, np.clip(0.5 * (values + 600.0), 1.0, 833.0), 0.0)
+            values.flat[0] = -47.0
+        image = nib.Nifti1Image(values.astype(dtype), phantom.affine)
+        image.header.set_qform(phantom.affine, code=1)
+        image.header.set_sform(phantom.affine, code=1)
+        nib.save(image, str(folder / name))
+    return folder
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
+def real_shared_data() -> Path:
     directory = shared_data_dir()
     if directory is None:
         pytest.skip("the real sample volumes are absent: set VOCO_SHARED_DATA or put them at ../shared/data")
     return directory
+
+
+@pytest.fixture(scope="session", params=["real", "stand-in"])
+def shared_data(request, tmp_path_factory) -> Path:
+    """The sample volumes: the real ones (skipped where absent) and their phantom stand-ins (always)."""
+    if request.param == "real":
+        return request.getfixturevalue("real_shared_data")
+    return write_sample_stand_ins(tmp_path_factory.mktemp("sample_volumes"))
 
 
 def run_bundle_command(bundle: str, config_files: list[str], cwd: Path, *overrides: str, launcher: list[str] | None = None,

@@ -29,7 +29,7 @@ def record_run(tracking_uri: str, cell: Cell, best: float | None, status: str = 
     cell's voco.* tags and best/metric/dice (no best/ metric where `best` is None); returns the run id."""
     import mlflow
 
-    from voco.benchmark.finetune import encoder_name
+    from voco.benchmark.cells import encoder_name
     from voco.tracking import prepare_experiment
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)

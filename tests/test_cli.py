@@ -76,3 +76,19 @@ def test_user_errors_are_one_sentence_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{not json")
     code, _, err = voco(capsys, "manifest", "stats", str(tmp_path / "broken.json"))
     assert code == 2 and "broken.json" in err and "not valid JSON" in err
+
+
+def test_the_demo_verdict_reports_both_differences_and_the_benchmark_measurement(tmp_path):
+    from voco.cli import demo_verdict
+
+    rows = [{"frozen probe Dice": "0.250", "fine-tuned large-organ Dice": "0.300"},
+            {"frozen probe Dice": "0.290", "fine-tuned large-organ Dice": "0.280"}]
+    absent = demo_verdict(rows, tmp_path / "absent.json")
+    assert "+4.0 Dice points on the frozen probe, -2.0 after fine-tuning" in absent
+    assert "python benchmarks/pretraining_benefit.py" in absent
+    measured = tmp_path / "benchmark.json"
+    measured.write_text(json.dumps({"probe": {"scratch_swin": {"dice": [0.20, 0.22, 0.21]},
+                                              "voco": {"dice": [0.25, 0.26, 0.24]}}}))
+    verdict = demo_verdict(rows, measured)
+    assert "over 3 seeds: VoCo - scratch +4.0 probe Dice points (per seed +5.0 / +4.0 / +3.0)" in verdict
+    assert str(tmp_path / "benchmark.md") in verdict

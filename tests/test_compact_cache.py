@@ -9,8 +9,8 @@ import torch
 from monai import transforms as mt
 
 from voco.data.phantoms import synthesize
-from voco.data.regions import (CompactIntensityd, ExpandIntensityd, UnpackCompactd, build_region_dataset,
-                               cache_folder_name, preset_transforms)
+from voco.data.compact import CompactIntensityd, ExpandIntensityd, UnpackCompactd
+from voco.data.regions import build_region_dataset, cache_folder_name, preset_transforms
 from voco.errors import ConfigError
 
 UINT16_BOUND = 0.5 / 65535 + 2.0 ** -25  # half a quantisation step + float32 rounding of the division

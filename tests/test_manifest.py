@@ -192,10 +192,10 @@ def test_example_manifests_load():
     assert [e["subject"] for e in decathlon] == ["case_001", "case_002", "case_003", "case_004"]
 
 
-def test_shared_data_example_points_at_the_real_volumes(shared_data):
+def test_shared_data_example_points_at_the_real_volumes(real_shared_data):
     for entry in to_datalist(load_manifest(EXAMPLES / "shared_data.json")):
         path = Path(entry["image"]).resolve()
-        assert path == (shared_data / path.name).resolve() and path.is_file()
+        assert path == (real_shared_data / path.name).resolve() and path.is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------- catalogue

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from voco.benchmark.phantom_tasks import prepare_phantom_task
-from voco.benchmark.registry import (DEFAULT_REGISTRY, Task, check_task_dataset, format_task_table, get_task,
-                                     load_registry, reference_number, task_rows, validate_registry)
+from voco.benchmark.checks import check_task_dataset
+from voco.benchmark.registry import (DEFAULT_REGISTRY, Task, format_task_table, get_task, load_registry,
+                                     reference_number, task_rows, validate_registry)
 from voco.data.phantoms import PHANTOM_CLASSES
 from voco.errors import ConfigError, ManifestError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -85,12 +86,13 @@ class Run:
 
 
 def train(datalist: list[dict], checkpoints: Path, *, stop_at: int | None = None, resume: bool = False,
-          nan_at: set[int] = frozenset(), max_bad_steps: int = 20, n_saved: int = 2, num_workers: int = 0) -> Run:
+          nan_at: set[int] = frozenset(), max_bad_steps: int = 20, n_saved: int = 2, num_workers: int = 0,
+          decoder_dim: int = 32) -> Run:
     """A run as the bundles build it (seeded, then components), with interval checkpoints every step."""
     set_determinism(0)
     backbone = build_backbone("vit", "tiny", input_size=[32, 32, 32], patch_size=8, layout="global")
     pretext = CyclicPretext({
-        "mae": MaskedImagePretext(backbone, decoder_dim=32, decoder_depth=1, decoder_heads=4, generator=7),
+        "mae": MaskedImagePretext(backbone, decoder_dim=decoder_dim, decoder_depth=1, decoder_heads=4, generator=7),
         "contrastive": ContrastivePretext(backbone, num_views=2, embedding_dim=16, teacher_momentum=0.9),
     })
     model = NonFiniteLossAt(pretext, set(nan_at)) if nan_at else pretext
@@ -124,6 +126,17 @@ def train(datalist: list[dict], checkpoints: Path, *, stop_at: int | None = None
     return run
 
 
+def test_a_failed_resume_leaves_the_trained_checkpoints_as_they_were(uninterrupted, datalist, tmp_path):
+    """Resuming with another model setting fails in load_state_dict; MONAI's save-on-exception would then write the
+    untrained state as checkpoint_final.pt over the trained one. Nothing is written when nothing was trained."""
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(uninterrupted.checkpoints, folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        train(datalist, folder, resume=True, decoder_dim=48)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
 def same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
 
@@ -142,11 +155,12 @@ def test_a_run_stopped_at_step_k_resumes_to_the_uninterrupted_weights(datalist, 
     stopped = train(datalist, tmp_path, stop_at=stop_at)
     assert stopped.trainer.state.iteration == stop_at and stopped.trainer.state.exit_code == 143
     assert f"stopped after step {stop_at} (SIGTERM)" in capsys.readouterr().out
-    leftover = tmp_path / "tmpk1ll3d_9"  # what a kill during a checkpoint write leaves
-    leftover.write_bytes(b"half a checkpoint")
+    leftovers = [tmp_path / "tmpk1ll3d_9", tmp_path / ".checkpoint_iteration=5.pt.4242.0badc0de.tmp"]
+    for leftover in leftovers:  # what a kill during a checkpoint write leaves (ignite's name, and ours)
+        leftover.write_bytes(b"half a checkpoint")
     resumed = train(datalist, tmp_path, resume=True)
 
-    assert not leftover.exists()
+    assert not any(leftover.exists() for leftover in leftovers)
     assert {**stopped.losses, **resumed.losses} == uninterrupted.losses  # the same loss at every step, bitwise
     assert same_tensors(resumed.final_weights, uninterrupted.final_weights)
     # the optimizer moment estimates and EMA teacher came back too: the state after every resumed step matches
@@ -239,9 +253,17 @@ def test_a_damaged_newest_checkpoint_is_passed_over_with_a_message(datalist, uni
 
     assert latest_checkpoint(tmp_path) == str(previous)
     message = capsys.readouterr().out
-    assert f"checkpoint {newest} cannot be read" in message and f"resuming from the previous one, {previous}" in message
+    assert f"checkpoint {newest} cannot be read" in message and f"taking the previous one, {previous}" in message
     resumed = train(datalist, tmp_path, resume=True, n_saved=3)
     assert min(resumed.losses) == 4 and same_tensors(resumed.final_weights, uninterrupted.final_weights)
+
+
+def test_a_zero_byte_newest_checkpoint_is_passed_over(tmp_path, capsys):
+    """An empty file (a node crash between create and write) fails torch.load with an EOFError without a message."""
+    torch.save({"trainer": {"iteration": 1}}, tmp_path / "checkpoint_iteration=1.pt")
+    (tmp_path / "checkpoint_iteration=2.pt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_iteration=1.pt")
+    assert "checkpoint_iteration=2.pt cannot be read" in capsys.readouterr().out
 
 
 def test_a_checkpoint_that_looks_complete_but_does_not_read_is_passed_over(tmp_path, capsys):
@@ -270,7 +292,8 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
     def interrupted_save(obj, file, **kwargs):
         real_save(obj, file, **kwargs)
-        file.truncate(10)
+        with open(file, "r+b") as stream:  # the saver writes a temporary file (a path) and renames it when done
+            stream.truncate(10)
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", interrupted_save)

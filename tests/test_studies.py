@@ -16,8 +16,9 @@ import torch
 from voco.data.manifest import load_manifest, manifest_from_records, to_datalist, validate_manifest
 from voco.data.phantoms import (PHANTOM_SERIES, STAMP_NAME, STUDY_FINDINGS, ensure_phantom_studies, ensure_phantoms,
                                 make_phantom_study)
-from voco.data.studies import (attach_reports, build_study_dataset, build_study_loader, collate_studies,
-                               finding_names, group_studies, report_texts, shuffle_sentences, split_sentences)
+from voco.data.reports import attach_reports, shuffle_sentences, split_sentences
+from voco.data.studies import (build_study_dataset, build_study_loader, collate_studies, finding_names,
+                               group_studies, report_texts)
 from voco.errors import ConfigError, ManifestError, VolumeError
 
 SCAN_SIZE = (24, 24, 12)

@@ -102,7 +102,7 @@ def clip_checkpoint(ct_rate, tmp_path_factory) -> Path:
 
 def validation_loader(dataset: Path, findings=None):
     """The validation studies as the bundle loads them (same scan size, scan count, preset, order)."""
-    from voco.benchmark.vision_language import build_ct_rate_manifest, split_scans
+    from voco.benchmark.ct_rate import build_ct_rate_manifest, split_scans
     from voco.data.studies import build_study_loader
 
     manifest = build_ct_rate_manifest(dataset, splits=("validation",), finding_names=findings or ())
@@ -123,7 +123,7 @@ def one_sentence(error: BaseException, *words: str) -> None:
 
 
 def test_manifest_of_the_copy_has_splits_studies_reports_and_findings(ct_rate, tmp_path):
-    from voco.benchmark.vision_language import build_ct_rate_manifest, split_scans
+    from voco.benchmark.ct_rate import build_ct_rate_manifest, split_scans
     from voco.data.manifest import load_manifest
     from voco.data.studies import group_studies
 
@@ -174,8 +174,8 @@ def test_manifest_ct_rate_and_synth_studies_commands(ct_rate, tmp_path, capsys):
 
 
 def test_the_copy_check_names_each_problem_in_one_sentence(ct_rate, tmp_path):
-    from voco.benchmark.registry import check_task_dataset
-    from voco.benchmark.vision_language import build_ct_rate_manifest
+    from voco.benchmark.checks import check_task_dataset
+    from voco.benchmark.ct_rate import build_ct_rate_manifest
 
     task = get_task("ct-rate-vocab-cls")
     good = check_task_dataset(task, ct_rate["root"])

@@ -29,7 +29,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from voco.errors import CheckpointError, ConfigError, optional_import
+from voco.files import atomic_write
 
 __all__ = [
     "LoadReport",
@@ -535,15 +535,8 @@ def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str 
             f"in {label} [{source_format}]; export a checkpoint of a pretraining run."
         )
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_write(out_path) as temporary:
         torch.save(encoder, temporary)
-        os.replace(temporary, out_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     logger.info("exported %d encoder tensors from %s [%s] to %s", len(encoder), label, source_format, out_path)
     return out_path, len(encoder)
 
@@ -552,15 +545,30 @@ def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str 
 
 
 def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint file of a run folder (or of its ``checkpoints/``), or None.
+    """The newest checkpoint of a run folder (or of its ``checkpoints/``) that reads completely, or None where
+    there is none: the one policy of resume, export and the demo.
 
-    The first of :func:`ranked_checkpoints` that is not visibly incomplete (empty, a zip without its end); a cheap
-    check that does not deserialise. `voco.engine.latest_checkpoint` (resume) also reads each candidate fully.
+    Each of :func:`ranked_checkpoints`, newest first, is read in full with `read_checkpoint` (weights only): a file
+    can look complete and still be damaged. A damaged newer file is passed over for the previous one, with a
+    message naming both. (`voco.engine.latest_checkpoint` is this, decided by rank 0 under torchrun.)
+
+    Raises:
+        CheckpointError: the folder holds checkpoints and none of them can be read.
     """
-    for path in ranked_checkpoints(directory):
-        if _looks_complete(path):
-            return path
-        logger.warning("skipping incomplete checkpoint %s", path)
+    damaged: list[tuple[Path, CheckpointError]] = []
+    for path in ranked_checkpoints(directory):  # [] for a folder that does not exist yet
+        try:
+            read_checkpoint(path)
+        except CheckpointError as error:
+            damaged.append((path, error))
+            continue
+        for bad, error in damaged:
+            print(f"checkpoint {bad} cannot be read ({_first_line(error.__cause__ or error)}); taking the previous "
+                  f"one, {path}.", flush=True)
+        return path
+    if damaged:
+        raise CheckpointError(f"none of the {len(damaged)} checkpoints in {directory} can be read (the newest: "
+                              f"{damaged[0][1]}); move them away to start over, or run with --resume False.")
     return None
 
 
@@ -604,19 +612,3 @@ def _stored_step(path: Path) -> int | None:
     trainer = content.get("trainer")
     step = trainer.get("iteration") if isinstance(trainer, Mapping) else content.get("global_step")
     return step if isinstance(step, int) else None
-
-
-def _looks_complete(path: Path) -> bool:
-    """A cheap check that does not deserialise: torch's zip format must have its central directory."""
-    if path.stat().st_size == 0:
-        return False
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return any(name.endswith("data.pkl") for name in archive.namelist())
-        except (zipfile.BadZipFile, OSError):
-            return False
-    # A zip that is_zipfile rejects has lost its end (the central directory); legacy torch files and
-    # safetensors have no cheap integrity check, so a non-empty one is trusted.
-    with path.open("rb") as file:
-        return file.read(4) != b"PK\x03\x04"

@@ -22,11 +22,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.networks.utils import eval_mode
 
+from voco.distributed import get_rank, unwrap
 from voco.errors import ConfigError
 
 PROBE_SEED = 271828  # phantom seed of the default probe set; pretraining phantom sets use small seeds (0, 1, ...)
@@ -113,11 +115,11 @@ def load_probe_set(source: str | os.PathLike, size: Sequence[int], preset: str |
 
 def encoder_of(pretext: torch.nn.Module) -> torch.nn.Module:
     """The pretext's backbone, unwrapped from DistributedDataParallel and torch.compile."""
-    module = getattr(pretext, "module", pretext)
+    module = unwrap(pretext)
     backbone = getattr(module, "backbone", None)
-    if backbone is None or not hasattr(getattr(backbone, "_orig_mod", backbone), "forward_features"):
+    if not isinstance(backbone, torch.nn.Module) or not hasattr(unwrap(backbone), "forward_features"):
         raise ConfigError(f"{type(module).__name__} has no backbone with forward_features; the probe needs one.")
-    return getattr(backbone, "_orig_mod", backbone)
+    return unwrap(backbone)
 
 
 def feature_maps(backbone: torch.nn.Module, image: torch.Tensor) -> list[torch.Tensor]:
@@ -193,9 +195,7 @@ def probe_dice(backbone: torch.nn.Module, probe_set: ProbeSet, device: torch.dev
     foreground classes, "probe/dice/<class>": ...}`` (classes absent from every held-out volume are left out)."""
     from monai.metrics import compute_dice
 
-    was_training = backbone.training
-    backbone.eval()
-    try:
+    with eval_mode(backbone):
         fit_maps = [feature_maps(backbone, image.to(device)) for image in probe_set.fit_images]
         probe = LinearProbe(probe_set.num_classes, **probe_options).fit(fit_maps, probe_set.fit_labels)
         del fit_maps
@@ -205,8 +205,6 @@ def probe_dice(backbone: torch.nn.Module, probe_set: ProbeSet, device: torch.dev
             one_hot = [F.one_hot(volume.flatten(), probe_set.num_classes).T.reshape(1, -1, *label.shape[1:])
                        for volume in (prediction, label[0])]
             dice.append(compute_dice(one_hot[0], one_hot[1], include_background=False, ignore_empty=True)[0])
-    finally:
-        backbone.train(was_training)
     per_class = torch.stack(dice).nanmean(0)
     results = {f"probe/dice/{name}": float(value)
                for name, value in zip(probe_set.class_names, per_class) if not torch.isnan(value)}
@@ -265,10 +263,9 @@ class FrozenProbe:
         return self.probe_set
 
     def __call__(self, engine: Any, at_init: bool = False) -> dict[str, float]:
-        from voco.engine import _rank
         from voco.tracking import RunLogger
 
-        if _rank() != 0:
+        if get_rank() != 0:
             return {}
         started = time.perf_counter()
         metrics = probe_dice(encoder_of(engine.network), self._load(), engine.device, **self.probe_options)

@@ -192,25 +192,6 @@ class ValidationPicture:
         return path
 
 
-def encoder_name(pretrained: str | None) -> str:
-    """A short name for an encoder source, used in run names: "scratch" or the checkpoint's file stem."""
-    if pretrained in (None, "", "scratch"):
-        return "scratch"
-    return Path(str(pretrained)).name.split(".")[0]
-
-
-def run_name(task: str, pretrained: str | None, mode: str, backbone: str, size: str | int, seed: int,
-             training_cases: int | None = None) -> str:
-    """The MLflow run name of one benchmark cell, e.g. ``btcv-VoCo_B_SSL_head-finetune-swin_B-seed0``.
-
-    `voco benchmark run` finds finished cells by this name, so it must be a function of the cell alone."""
-    encoder = encoder_name(pretrained)
-    parts = [task] + ([] if encoder == mode else [encoder]) + [mode, f"{backbone}_{size}"]
-    if training_cases is not None:
-        parts.append(f"{training_cases}cases")
-    return "-".join(parts + [f"seed{seed}"])
-
-
 class BenchmarkRecord:
     """At the end of fine-tuning: the best validation value of the key metric as ``best/<key metric>`` and the
     cell's settings as ``voco.*`` tags in the MLflow run (what `voco benchmark report` reads), and the same as

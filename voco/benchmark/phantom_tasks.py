@@ -12,9 +12,7 @@ downstream benchmark run end to end on a CPU, from a clean checkout, in about a 
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from voco.benchmark.registry import Task, get_task, registration_keys
 from voco.data.manifest import load_manifest, to_datalist
 from voco.data.phantoms import ensure_phantoms
 from voco.errors import ConfigError
+from voco.files import write_json_atomically
 
 
 # mm along left-right, posterior-anterior, inferior-superior: one body size within +-7 %, whatever the drawn spacing.
@@ -57,19 +56,6 @@ def _validation_indices(labels: list[int] | None, count: int, n_validation: int)
         wanted[value] -= shortfall
         wanted[other] += shortfall
     return sorted(index for value in (0, 1) for index in by_class[value][len(by_class[value]) - wanted[value]:])
-
-
-def _write_json_atomically(content: Any, path: Path) -> None:
-    """Write JSON to a temporary file renamed over `path`, so a reader never sees half a datalist."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(content, stream, indent=1)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _atlas_pairs(task: Task, entries: list[dict]) -> list[dict]:
@@ -131,7 +117,7 @@ def prepare_phantom_task(task_id: str, dataset_dir: str | os.PathLike, *, n: int
     if task.task_type == "registration":
         entries, validation = _atlas_pairs(task, entries), {index - 1 for index in validation}
     class_names = task.class_names if classify else ("background", *task.class_names)
-    _write_json_atomically({
+    write_json_atomically({
         "name": task.id,
         "description": f"{task.dataset}: {n} phantoms, seed {seed}",
         "labels": {str(index): name for index, name in enumerate(class_names)},

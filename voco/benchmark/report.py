@@ -8,6 +8,7 @@ numbers the reference publishes, and written as a table (CSV, markdown) and a pi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from voco.errors import ConfigError, optional_import
+from voco.files import atomic_write
 
 GROUP_KEYS = ("task", "encoder", "mode", "backbone", "size", "training_cases")
 CSV_COLUMNS = ("task", "encoder", "mode", "backbone", "size", "training_cases", "key_metric", "n", "seeds", "mean",
@@ -282,14 +284,9 @@ def write_report(summary: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
     folder = Path(out_dir).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     targets = {"csv": folder / "results.csv", "markdown": folder / "results.md", "png": folder / "results.png"}
-    temporary = {kind: target.with_name(f".{target.name}.{os.getpid()}.tmp") for kind, target in targets.items()}
-    try:
+    with contextlib.ExitStack() as files:  # the three are renamed into place only when all are written
+        temporary = {kind: files.enter_context(atomic_write(target)) for kind, target in targets.items()}
         temporary["csv"].write_text(format_csv(summary), encoding="utf-8")
         temporary["markdown"].write_text(format_markdown(summary), encoding="utf-8")
         draw_chart(summary, temporary["png"])
-        for kind, target in targets.items():
-            os.replace(temporary[kind], target)
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
     return targets

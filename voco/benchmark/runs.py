@@ -1,6 +1,6 @@
 """The benchmark grid: tasks × encoders × modes × seeds, each cell one fine-tuning run of the downstream bundle.
 
-A cell is one MLflow run in experiment ``benchmark-<task>``, named by `voco.benchmark.finetune.run_name` from the
+A cell is one MLflow run in experiment ``benchmark-<task>``, named by `voco.benchmark.cells.run_name` from the
 cell alone. That makes the grid resumable: `run_grid` asks the store which runs have finished (status FINISHED with
 a ``best/`` metric) and never runs those again, so an interrupted grid is finished by running the same command::
 
@@ -15,51 +15,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from voco.benchmark.cells import ENCODER_MODES, Cell
 from voco.bundles import config_paths, run_bundle
 from voco.errors import ConfigError, VocoError, optional_import
 
-ENCODER_MODES = ("finetune", "frozen", "linear_probe")  # what a pretrained encoder can be used as
 EXPERIMENT_PREFIX = "benchmark-"
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of the grid: a task fine-tuned from one encoder source in one mode with one seed.
-
-    Attributes:
-        task: registry task id, e.g. "btcv".
-        pretrained: a checkpoint path, or "scratch".
-        mode: "scratch" (with pretrained "scratch"), or "finetune" | "frozen" | "linear_probe"; a vision-language
-            task: "zero_shot" or "finetune" (vocabulary fine-tuning) of a CLIP checkpoint.
-        seed: the bundle's seed (also the seed of the few-label training case choice).
-        backbone / size: the network spec, e.g. "swin" / "B".
-        training_cases: keep only this many training cases (None: all).
-    """
-
-    task: str
-    pretrained: str
-    mode: str
-    seed: int
-    backbone: str = "swin"
-    size: str = "B"
-    training_cases: int | None = None
-
-    @property
-    def run_name(self) -> str:
-        """The MLflow run name the bundle gives this cell (how finished cells are found)."""
-        from voco.benchmark.finetune import run_name  # imports monai: only where a name is needed
-
-        return run_name(self.task, self.pretrained, self.mode, self.backbone, self.size, self.seed,
-                        self.training_cases)
-
-    def settings(self) -> dict:
-        """The bundle settings of this cell (overrides of configs/train.json)."""
-        return {"task": self.task, "pretrained": self.pretrained, "mode": self.mode, "backbone": self.backbone,
-                "size": self.size, "seed": self.seed, "training_cases": self.training_cases}
 
 
 def _is_scratch(pretrained: Any) -> bool:
@@ -84,8 +47,9 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
         ConfigError: an empty list, an unknown task or mode, or two checkpoints whose file names give the same
             encoder name (their runs would share names, and one would be taken for the other's finished run).
     """
-    from voco.benchmark import vision_language
-    from voco.benchmark.finetune import encoder_name, require_finetune_type
+    from voco.benchmark import ct_rate, vision_language
+    from voco.benchmark.cells import encoder_name
+    from voco.benchmark.finetune import require_finetune_type
     from voco.benchmark.registry import get_task
 
     task_list = list({task.id: task for task in (require_finetune_type(get_task(str(name)), GRID_TASK_TYPES)
@@ -97,12 +61,12 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
     for name, values in (("task", task_ids), ("pretrained", sources), ("seed", seed_list), ("mode", mode_list)):
         if not values:
             raise ConfigError(f"the grid has no {name}; give at least one {name}.")
-    unknown = [mode for mode in mode_list if mode not in ENCODER_MODES + vision_language.MODES]
+    unknown = [mode for mode in mode_list if mode not in ENCODER_MODES + ct_rate.MODES]
     if unknown:
         hint = " (train from scratch by adding 'scratch' to the pretrained list)" if "scratch" in unknown else ""
         raise ConfigError(f"the mode {unknown[0]!r} is not a way to use a pretrained encoder; use "
                           f"{', '.join(ENCODER_MODES)} (vision-language tasks: "
-                          f"{', '.join(vision_language.MODES)}){hint}.")
+                          f"{', '.join(ct_rate.MODES)}){hint}.")
     if training_cases is not None:
         training_cases = _whole(training_cases, "training_cases")
     by_encoder: dict[str, str] = {}

@@ -33,11 +33,11 @@ import json
 import math
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from voco.errors import ManifestError
+from voco.files import write_json_atomically
 
 MANIFEST_FORMAT = "voco-manifest"
 MANIFEST_VERSION = 1
@@ -250,17 +250,7 @@ def save_manifest(manifest: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path).expanduser().resolve()
     content = {key: value for key, value in manifest.items() if not key.startswith("_")}
     validate_manifest(content, source=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(content, stream, indent=1, ensure_ascii=False)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomically(content, path, ensure_ascii=False)
 
 
 def resolve_root(manifest: Mapping[str, Any], dataset_dir: str | os.PathLike | None = None) -> Path:

@@ -17,7 +17,7 @@ This module is only the registry (cheap to import); `voco.data.regions.preset_tr
                   to the region size
 
 "cached as" is the compact dtype of the disk and memory caches (`cache_dtype="auto"`, see
-`voco.data.regions.CompactIntensityd` for the error bounds).
+`voco.data.compact.CompactIntensityd` for the error bounds).
 """
 
 from __future__ import annotations

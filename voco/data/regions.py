@@ -8,10 +8,9 @@ the item of the next good volume is returned instead, and its ``skipped_volumes`
 passed over, so the count survives DataLoader workers and collation. ``bad_volumes="stop"`` raises a VolumeError
 that names the file and the manifest entry.
 
-The caches ("disk", "memory") hold the preset's output in a compact dtype (`cache_dtype="auto"`): windowed CT as
-uint16 steps of 1/65535 (error at most 7.6e-6 of the [0, 1] range), z-scored MRI as float16 (relative error at
-most 2^-11), optionally zlib-compressed (or, asked for, windowed CT as uint8: lossy, a quarter of float32); the
-random-region step crops the compact volume and only then converts the region to float32. See `CompactIntensityd` and benchmarks/README.md for the measured footprint and read cost.
+The caches ("disk", "memory") hold the preset's output in a compact dtype (`cache_dtype="auto"`, see
+`voco.data.compact`); the random-region step crops the compact volume and only then converts the region to float32.
+The loader's items are seeded per (seed, epoch, item) through the `voco.seeding` contract.
 """
 
 from __future__ import annotations
@@ -19,32 +18,28 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import json_hashing
 
 from voco.data.manifest import load_manifest, to_datalist
+from voco.data.compact import ExpandIntensityd, UnpackCompactd, compact_transforms, stored_dtype
 from voco.data.presets import Preset, get_preset
 from voco.errors import ConfigError, VocoError, VolumeError
+from voco.distributed import get_rank, world_size as ranks
+from voco.seeding import random_transform_generators
 
 logger = logging.getLogger(__name__)
 
 BAD_VOLUME_POLICIES = ("skip", "stop")
 CACHE_MODES = ("disk", "memory", "none")
-# auto: the preset's compact dtype (`Preset.cache_dtype`); uint8: windowed presets only, lossy (see CompactIntensityd)
-CACHE_DTYPES = ("auto", "float32", "uint8")
-CACHE_COMPRESSIONS = ("none", "zlib")
 # Part of the disk-cache key: bump it whenever what a cache file holds changes, so old folders are never read.
 CACHE_FORMAT = 2
-# A [0, 1] intensity x is stored as round(x * steps) in an unsigned integer.
-UNIT_STEPS = {"uint16": 65535, "uint8": 255}
-FLOAT16_MAX = 65504.0
 # Keys every region item carries, whatever extra facts the manifest entries hold (so batches always collate).
 REGION_KEYS = ("image",)
 
@@ -111,113 +106,6 @@ def preset_transforms(preset: str | Preset, region_size: Sequence[int], keys: Se
               mt.EnsureTyped(keys=all_keys, dtype=torch.float32, track_meta=False),
               mt.SelectItemsd(keys=all_keys)]
     return steps
-
-
-class CompactIntensityd(mt.MapTransform):
-    """Store float32 intensities compactly (the last step before a cache); `ExpandIntensityd` reads them back.
-
-    Every dtype gives a tensor that owns just its voxels: the preset's output can be a view into the whole volume
-    before the foreground crop, and torch.save (and a memory cache) would keep that whole storage.
-
-    - ``dtype="float32"``: the values unchanged (the reference's cache).
-    - ``dtype="uint16"`` for intensities in [0, 1] (windowed CT): ``round(x * 65535)``, computed in float64. What
-      comes back differs from x by at most 0.5 / 65535 = 7.6e-6 (0.003 HU of a 425 HU window; a bf16 input
-      already rounds by up to 2e-3) plus float32 rounding (2^-25). Values outside [0, 1] are clipped.
-    - ``dtype="float16"`` for anything else (z-scored MRI): relative error at most 2^-11 (half a float16 step;
-      below 2^-14 the absolute error is at most 2^-25); values beyond +-65504 are clipped.
-    - ``dtype="uint8"`` (only when asked for, [0, 1] intensities): ``round(x * 255)``, an error of up to
-      0.5 / 255 = 2e-3 (0.8 HU of a 425 HU window, 2.9 HU of a 1500 HU one): as coarse as bf16's own rounding
-      of values in [0.5, 1), so it is a visible change for float32 training. A quarter of float32, no codec.
-    - ``compress=True`` also zlib-compresses the values (level 1: the fastest) into a uint8 tensor, with the
-      shape under ``"<key>_shape"``; `UnpackCompactd` undoes it.
-
-    Ours: MONAI's CastToTyped truncates (an error of up to a whole step) and nothing in MONAI compresses.
-    """
-
-    def __init__(self, keys: Sequence[str], dtype: str, compress: bool = False) -> None:
-        super().__init__(keys)
-        if dtype not in ("uint16", "uint8", "float16", "float32"):
-            raise ConfigError(f"cache dtype {dtype!r}; use uint16 or uint8 (intensities in [0, 1]), float16 or "
-                              f"float32.")
-        self.dtype, self.compress = dtype, compress
-
-    def __call__(self, data: Mapping) -> dict:
-        data = dict(data)
-        for key in self.key_iterator(data):
-            image = torch.as_tensor(data[key])
-            if self.dtype in UNIT_STEPS:
-                steps = UNIT_STEPS[self.dtype]
-                compact = torch.round(image.double().clamp(0.0, 1.0) * steps).to(getattr(torch, self.dtype))
-            elif self.dtype == "float16":
-                compact = image.float().clamp(-FLOAT16_MAX, FLOAT16_MAX).half()
-            else:
-                compact = image.float().clone()
-            if self.compress:
-                packed = zlib.compress(compact.contiguous().numpy().tobytes(), 1)
-                data[f"{key}_shape"] = torch.tensor(compact.shape)
-                compact = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
-            data[key] = compact
-        return data
-
-
-class UnpackCompactd(mt.MapTransform, mt.RandomizableTrait):
-    """Decompress what `CompactIntensityd(compress=True)` stored -> the compact tensor (uint16 or float16).
-
-    It is not random: the trait only marks where MONAI's caches stop, so that they hold the compressed bytes and
-    every read unpacks them (the caches store everything before the first random transform)."""
-
-    def __init__(self, keys: Sequence[str], dtype: str) -> None:
-        super().__init__(keys)
-        self.dtype = getattr(torch, dtype)
-
-    def __call__(self, data: Mapping) -> dict:
-        data = dict(data)
-        for key in self.key_iterator(data):
-            shape = [int(size) for size in data.pop(f"{key}_shape")]
-            values = bytearray(zlib.decompress(torch.as_tensor(data[key]).numpy()))
-            data[key] = torch.frombuffer(values, dtype=self.dtype).view(shape)
-        return data
-
-
-class ExpandIntensityd(mt.MapTransform):
-    """Compact intensities (`CompactIntensityd`) back to float32: uint16 (uint8) steps of 1/65535 (1/255) ->
-    [0, 1], float16 -> float32; float32 passes through. Placed after the random region: only the region is
-    converted."""
-
-    def __call__(self, data: Mapping) -> dict:
-        data = dict(data)
-        for key in self.key_iterator(data):
-            image = data[key]
-            if image.dtype == torch.float32:
-                continue
-            # On the plain tensor (MONAI's metadata handling doubles the cost), in one pass: an integer tensor
-            # divided by an int is float32, correctly rounded (error at most 2^-25).
-            values = image.as_tensor() if isinstance(image, MetaTensor) else image
-            steps = UNIT_STEPS.get(str(image.dtype).removeprefix("torch."))
-            values = values / steps if steps is not None else values.to(torch.float32)
-            data[key] = MetaTensor(values, meta=image.meta) if isinstance(image, MetaTensor) else values
-        return data
-
-
-def stored_dtype(preset: str | Preset, cache_dtype: str = "auto") -> str:
-    """The dtype a cache holds for `preset`: its compact one (`Preset.cache_dtype`) for "auto", else the one asked."""
-    if cache_dtype not in CACHE_DTYPES:
-        raise ConfigError(f"cache_dtype={cache_dtype!r}; use one of {', '.join(CACHE_DTYPES)}.")
-    preset = get_preset(preset)
-    if cache_dtype == "uint8" and preset.intensity != "window":
-        raise ConfigError(f"cache_dtype='uint8' needs intensities in [0, 1], but preset {preset.name} z-scores them; "
-                          f"use cache_dtype='auto' (float16) for it.")
-    return preset.cache_dtype if cache_dtype == "auto" else cache_dtype
-
-
-def compact_transforms(dtype: str, compression: str = "none", keys: Sequence[str] = ("image",)
-                       ) -> list[mt.Transform]:
-    """What turns the preset's float32 output into what a cache stores (`CompactIntensityd`)."""
-    if compression not in CACHE_COMPRESSIONS:
-        raise ConfigError(f"cache_compression={compression!r}; use one of {', '.join(CACHE_COMPRESSIONS)}.")
-    if dtype == "float32" and compression != "none":
-        raise ConfigError("cache_compression applies to the compact cache only; use cache_dtype='auto' with it.")
-    return [CompactIntensityd(keys=list(keys), dtype=dtype, compress=compression == "zlib")]
 
 
 def region_transforms(region_size: Sequence[int], keys: Sequence[str] = ("image",), cache_dtype: str = "float32",
@@ -290,44 +178,9 @@ class TolerantCacheDataset(CacheDataset):
         return super()._transform(index)
 
 
-def random_transform_generators(root: Any) -> list[np.random.RandomState]:
-    """The NumPy generators (``R``) of the MONAI random transforms inside a dataset, in a fixed order.
-
-    Walks attributes, lists and tuples as MONAI's `set_rnd` does, but into every randomizable object (a Compose
-    and each of its transforms hold their own generator)."""
-    found: dict[int, np.random.RandomState] = {}
-    seen: set[int] = set()
-
-    def visit(node: Any) -> None:
-        if id(node) in seen or isinstance(node, (torch.Tensor, np.ndarray, str, bytes, int, float, type)):
-            return
-        seen.add(id(node))
-        if isinstance(node, (list, tuple)):
-            for item in node:
-                visit(item)
-            return
-        if not hasattr(node, "__dict__"):
-            return
-        generator = getattr(node, "R", None)
-        if isinstance(generator, np.random.RandomState):
-            found.setdefault(id(generator), generator)
-        for key, value in vars(node).items():
-            if not key.startswith("__"):
-                visit(value)
-
-    visit(root)
-    return list(found.values())
-
-
 def check_bad_volume_policy(bad_volumes: str) -> None:
     if bad_volumes not in BAD_VOLUME_POLICIES:
         raise ConfigError(f"bad_volumes={bad_volumes!r}; use one of {', '.join(BAD_VOLUME_POLICIES)}.")
-
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of the random transforms for item `index` of `epoch`: one number per (seed, epoch, item), so an item
-    is the same whichever worker process makes it and whether or not the run was resumed."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
 class SkipBadVolumes(torch.utils.data.Dataset):
@@ -336,8 +189,8 @@ class SkipBadVolumes(torch.utils.data.Dataset):
     Each item gets ``skipped_volumes``: how many bad volumes were passed over to produce it. Volumes known
     to be bad are remembered (per worker process) so they are not read again. Items carry `keys` (and the count).
 
-    Random transforms: an item asked for as ``dataset[(index, seed)]`` (what the trainer's sampler does, see
-    `voco.engine.RandomState`) first seeds every random transform of the wrapped dataset from `seed`; its random
+    Random transforms: a `voco.seeding.SeededDataset`. An item asked for as ``dataset[(index, seed)]`` (what the
+    trainer's sampler does) first seeds every random transform of the wrapped dataset from `seed`; its random
     region then depends on the seed alone, not on which worker makes it or on what that worker made before — the
     worker processes' own generators would otherwise differ after a resume.
     """
@@ -442,6 +295,50 @@ def cached_dataset(entries: Sequence[Mapping[str, Any]], transform: mt.Compose, 
     return Dataset(entries, transform)
 
 
+def check_cache_settings(cache: str, cache_dir: str | os.PathLike | None, bad_volumes: str, preset: str | None,
+                         cache_dtype: str, cache_compression: str, what: str = "volumes") -> None:
+    """Refuse a bad cache or bad-volume setting before any work (the region and the study pipelines)."""
+    if cache not in CACHE_MODES:
+        raise ConfigError(f"cache={cache!r}; use one of {', '.join(CACHE_MODES)}.")
+    if cache == "disk" and cache_dir is None:
+        raise ConfigError(f"cache='disk' needs a cache_dir; give a folder for the preprocessed {what}.")
+    check_bad_volume_policy(bad_volumes)
+    compact_transforms(stored_dtype(preset or "ct_abdomen", cache_dtype), cache_compression)
+
+
+def cached_by_preset(entries: Sequence[dict], transforms: Callable[[str, str, str], list], size: Sequence[int], *,
+                     preset: str | None, cache: str, cache_dir: str | os.PathLike | None, cache_dtype: str,
+                     cache_compression: str, num_cache_workers: int | None, max_bad_fraction: float,
+                     folder_prefix: str = "", cached_keys: Sequence[str] | None = None
+                     ) -> tuple[Dataset, list[dict]]:
+    """The volumes of `entries`, each through its preset's deterministic pipeline and cached, as one dataset.
+
+    Each entry gets its ``preset`` (`preset` for all, else its own, else ct_abdomen) and ``source_stamp`` (the
+    file's identity, part of the disk cache's key); `preflight` refuses a manifest with too many bad headers; then
+    one cached dataset per preset (its own stored dtype and disk folder ``folder_prefix + cache_folder_name``),
+    concatenated. ``transforms(preset, stored dtype, compression)`` is the pipeline. `cached_keys`: the keys of an
+    entry the cache sees (all by default). Returns the dataset and the entries in its order.
+    """
+    for entry in entries:
+        entry["preset"] = get_preset(preset or entry.get("preset", "ct_abdomen")).name
+        entry["source_stamp"] = source_stamp(entry["image"])
+    preflight(entries, max_bad_fraction)
+    parts, ordered = [], []
+    for preset_name in dict.fromkeys(entry["preset"] for entry in entries):
+        members = [entry for entry in entries if entry["preset"] == preset_name]
+        # Without a cache nothing is stored: the preset's float32 goes straight on.
+        dtype = stored_dtype(preset_name, cache_dtype) if cache != "none" else "float32"
+        compression = cache_compression if dtype != "float32" else "none"
+        folder = Path(cache_dir) / (folder_prefix + cache_folder_name(preset_name, size, dtype, compression)) \
+            if cache == "disk" else None
+        stored = members if cached_keys is None else [{key: entry[key] for key in cached_keys if key in entry}
+                                                      for entry in members]
+        parts.append(cached_dataset(stored, mt.Compose(transforms(preset_name, dtype, compression)), cache, folder,
+                                    num_cache_workers))
+        ordered += members
+    return (parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)), ordered
+
+
 def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping], *,
                          region_size: int | Sequence[int] = (192, 192, 64), preset: str | None = None,
                          cache: str = "none", cache_dir: str | os.PathLike | None = None,
@@ -466,35 +363,20 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
             before any work (`preflight`); 1 turns the check off.
     """
     region_size = as_region_size(region_size)
-    if cache not in CACHE_MODES:
-        raise ConfigError(f"cache={cache!r}; use one of {', '.join(CACHE_MODES)}.")
-    if cache == "disk" and cache_dir is None:
-        raise ConfigError("cache='disk' needs a cache_dir; give a folder for the preprocessed volumes.")
-    check_bad_volume_policy(bad_volumes)
-    # Refuse a bad cache setting before any work.
-    compact_transforms(stored_dtype(preset or "ct_abdomen", cache_dtype), cache_compression)
+    check_cache_settings(cache, cache_dir, bad_volumes, preset, cache_dtype, cache_compression)
     datalist = resolve_datalist(source, dataset_dir)
     if not datalist:
         raise ConfigError("the manifest has no scans to train on; add scans or check the dataset filter.")
-    for entry in datalist:
-        entry["preset"] = get_preset(preset or entry.get("preset", "ct_abdomen")).name
-        entry["source_stamp"] = source_stamp(entry["image"])
-    preflight(datalist, max_bad_fraction)
 
-    parts, ordered = [], []
-    for preset_name in dict.fromkeys(entry["preset"] for entry in datalist):
-        entries = [entry for entry in datalist if entry["preset"] == preset_name]
-        # Without a cache nothing is stored: the preset's float32 goes straight to the region.
-        dtype = stored_dtype(preset_name, cache_dtype) if cache != "none" else "float32"
-        compression = cache_compression if dtype != "float32" else "none"
+    def transforms(preset_name: str, dtype: str, compression: str) -> list:
         stored = compact_transforms(dtype, compression) if cache != "none" else []
-        transform = mt.Compose(preset_transforms(preset_name, region_size) + stored
-                               + region_transforms(region_size, cache_dtype=dtype, compression=compression))
-        folder = Path(cache_dir) / cache_folder_name(preset_name, region_size, dtype, compression) \
-            if cache == "disk" else None
-        parts.append(cached_dataset(entries, transform, cache, folder, num_cache_workers))
-        ordered += entries
-    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+        return (preset_transforms(preset_name, region_size) + stored
+                + region_transforms(region_size, cache_dtype=dtype, compression=compression))
+
+    dataset, ordered = cached_by_preset(datalist, transforms, region_size, preset=preset, cache=cache,
+                                        cache_dir=cache_dir, cache_dtype=cache_dtype,
+                                        cache_compression=cache_compression, num_cache_workers=num_cache_workers,
+                                        max_bad_fraction=max_bad_fraction)
     return SkipBadVolumes(dataset, ordered, bad_volumes=bad_volumes)
 
 
@@ -507,10 +389,7 @@ def shard_for_rank(datalist: Sequence[Mapping[str, Any]], seed: int = 0, rank: i
     from monai.data import partition_dataset
 
     if world_size is None:
-        import torch.distributed as dist
-
-        distributed = dist.is_available() and dist.is_initialized()
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        rank, world_size = get_rank(), ranks()
     datalist = [dict(entry) for entry in datalist]
     if world_size <= 1:
         return datalist

@@ -46,13 +46,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from monai.networks.utils import eval_mode
 
+from voco.distributed import get_rank, world_size
 from voco.errors import ConfigError
 from voco.health import embedding_health
-from voco.pretext.views import as_generator, gather_with_gradient, is_distributed, new_figure, save_figure
+from voco.pretext.views import as_generator, gather_with_gradient, new_figure, save_figure
 
 LOSSES = ("infonce", "siglip")
 SIGLIP_INITIAL_TEMPERATURE = 0.1  # the SigLIP paper: t' = ln 10
@@ -108,9 +109,9 @@ def gathered_logits(anchors: torch.Tensor, candidates: torch.Tensor, logit_scale
     (M = world size x n); anchor i of rank r is matched to candidate ``targets[i] = r n + i``. ``gather=False`` (or
     no ``torch.distributed``): this rank's candidates only, M = n.
     """
-    gather = gather and is_distributed()
+    gather = gather and world_size() > 1
     candidates = gather_with_gradient(candidates) if gather else candidates
-    rank = dist.get_rank() if gather else 0
+    rank = get_rank() if gather else 0
     targets = torch.arange(anchors.shape[0], device=anchors.device) + rank * anchors.shape[0]
     return logit_scale * anchors @ candidates.T, targets
 
@@ -303,8 +304,8 @@ class CLIPPretext(nn.Module):
         """``{"image", "scan_mask" (optional), "report"}`` -> scalar losses and metrics (tensors)."""
         images, scan_mask = study_images(batch)
         reports = batch_reports(batch, images.shape[0])
-        world_size = dist.get_world_size() if self.gather_negatives and is_distributed() else 1
-        if images.shape[0] * world_size < 2:
+        ranks = world_size() if self.gather_negatives else 1
+        if images.shape[0] * ranks < 2:
             raise ConfigError(f"the CLIP pretext needs at least 2 studies per step for negatives, got "
                               f"{images.shape[0]}; set the batch size to 2 or more.")
         studies = self.encode_studies(images, scan_mask)
@@ -328,12 +329,8 @@ class CLIPPretext(nn.Module):
         """
         images, scan_mask = study_images(batch)
         reports = batch_reports(batch, images.shape[0])
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             similarity = self.encode_studies(images, scan_mask) @ self.encode_reports(reports).T
-        finally:
-            self.train(was_training)
         count = min(max_studies, images.shape[0])
         mask = torch.ones(images.shape[:2], dtype=torch.bool) if scan_mask is None else scan_mask.cpu()
         return {

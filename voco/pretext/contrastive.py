@@ -49,16 +49,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from monai.networks.utils import eval_mode
 
+from voco.distributed import get_rank, world_size
 from voco.errors import ConfigError
 from voco.geometry import resample_boxes
 from voco.health import embedding_health
 from voco.networks.teacher import EMATeacher
-from voco.pretext.views import (as_generator, flip_rotate, gather_with_gradient, intensity_jitter, is_distributed,
-                                new_figure, regions, save_figure)
+from voco.pretext.views import (as_generator, flip_rotate, gather_with_gradient, intensity_jitter, new_figure,
+                                regions, save_figure)
 
 LOSS_FORMS = ("cosine", "infonce")
 VIEW_NAMES = ("global", "augmented", "masked")
@@ -212,7 +213,7 @@ def contrastive_pairs(embeddings: torch.Tensor, views_per_region: int, targets: 
     """
     targets = embeddings if targets is None else targets
     candidates = gather_with_gradient(targets)
-    rank = dist.get_rank() if is_distributed() else 0
+    rank = get_rank()
     count, device = embeddings.shape[0], embeddings.device
     with torch.autocast(device.type, enabled=False):  # cosines near 1 need float32, not bf16
         cosines = F.normalize(embeddings, dim=-1) @ F.normalize(candidates, dim=-1).T
@@ -411,10 +412,10 @@ class ContrastivePretext(nn.Module):
     def forward(self, batch: Mapping[str, Any] | torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"image": [B, C, X, Y, Z]}`` (or the tensor) -> scalar losses and metrics (tensors)."""
         images = regions(batch, "the contrastive pretext")
-        world_size = dist.get_world_size() if is_distributed() else 1
-        if images.shape[0] * world_size < 2:
+        ranks = world_size()
+        if images.shape[0] * ranks < 2:
             raise ConfigError(f"the contrastive pretext needs at least 2 regions per step for negatives, got "
-                              f"{images.shape[0] * world_size}; set the batch size to 2 or more.")
+                              f"{images.shape[0] * ranks}; set the batch size to 2 or more.")
         student, teacher = self.embed(self.make_views(images))
         pairs = contrastive_pairs(student, self.num_views, teacher)
         if self.loss_form == "cosine":
@@ -446,13 +447,9 @@ class ContrastivePretext(nn.Module):
         ``views_per_region``.
         """
         images = regions(batch, "the contrastive pretext")
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             views = self.make_views(images)
             student, teacher = self.embed(views)
-        finally:
-            self.train(was_training)
         targets = student if teacher is None else teacher
         similarity = F.normalize(student, dim=-1) @ F.normalize(targets, dim=-1).T
         augmented = "local" if bool(views.local[0]) else "global"

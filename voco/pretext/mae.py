@@ -51,6 +51,7 @@ from typing import Any, Mapping
 import torch
 from einops import rearrange
 from torch import nn
+from monai.networks.utils import eval_mode
 
 from voco.errors import ConfigError
 from voco.networks.vit import Block, as_triple, sincos_position_embedding
@@ -404,14 +405,10 @@ class MaskedImagePretext(nn.Module):
         ``prediction_slice`` (the prediction everywhere); and ``psnr`` (dB, masked patches) and ``mask_ratio``.
         """
         images = regions(batch, "masked image modelling")[:1]
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             grid = self.patch_grid(images.shape[2:])
             mask = self.make_mask(1, grid, images.device)
             predictions = self.predict(images, mask).float()
-        finally:
-            self.train(was_training)
         patches, _, mean, std = self.targets(images)
         intensities = predictions if mean is None else predictions * std + mean
         prediction = unpatchify(intensities, grid, self.patch_size, self.in_channels)
@@ -435,7 +432,6 @@ class MaskedImagePretext(nn.Module):
         }
 
 
-MAEPretext = MaskedImagePretext
 
 
 def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from monai.networks.utils import eval_mode
 
 from voco.errors import ConfigError
 from voco.geometry import resample_boxes
@@ -385,13 +386,9 @@ class QueryBoxPretext(nn.Module):
         channel, as fed to the network) and ``iou``. Runs in eval mode (restored afterwards).
         """
         images = regions(batch, "the query-box pretext")
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             views = self.make_views(images)
             predicted = self.predict(images, views.crops).float()
-        finally:
-            self.train(was_training)
         region_size = images.shape[2:]
         scale = torch.tensor(list(region_size) * 2, dtype=torch.float32)
         true, guess = views.boxes[0, 0].cpu(), predicted[0, 0].cpu()

@@ -11,7 +11,9 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from voco.distributed import world_size
 from voco.errors import ConfigError
+from voco.files import atomic_write
 from voco.geometry import crop_boxes
 
 
@@ -43,10 +45,6 @@ def intensity_jitter(crops: torch.Tensor, scale_range: float = 0.1, shift_range:
     return crops * scale.to(crops).view(view) + shift.to(crops).view(view)
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class _GatherWithGradient(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient of the gathered rows and keeps this rank's rows.
 
@@ -71,7 +69,7 @@ def gather_with_gradient(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x [n, ...]`` concatenated in rank order ``[world_size * n, ...]``, with the gradient of all
     ranks' losses flowing back to each rank's own rows; the identity when not distributed. All ranks must pass
     the same shape (``drop_last=True``)."""
-    if not is_distributed():
+    if world_size() <= 1:
         return x
     return _GatherWithGradient.apply(x)
 
@@ -84,13 +82,8 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator | N
 def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Write a matplotlib figure as PNG so that the file appears complete or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        figure.savefig(partial, format="png", dpi=dpi)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=dpi)
     return path
 
 

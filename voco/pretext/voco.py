@@ -39,14 +39,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from monai.networks.utils import eval_mode
 
+from voco.distributed import world_size
 from voco.errors import ConfigError
-from voco.geometry import (CROP_SAMPLING_MODES, VOCO_V1_LAYOUT, VOCO_V2_LAYOUT, CropLayout, crop_boxes, get_layout,
-                           position_labels, sample_random_boxes)
+from voco.geometry import (CROP_SAMPLING_MODES, CropLayout, crop_boxes, get_layout, position_labels,
+                           sample_random_boxes)
 from voco.health import embedding_health
 from voco.networks.heads import VoCoProjector
 from voco.networks.teacher import EMATeacher
-from voco.pretext.views import as_generator, gather_with_gradient, is_distributed, new_figure, regions, save_figure
+from voco.pretext.views import as_generator, gather_with_gradient, new_figure, regions, save_figure
 
 LOSS_FORMS = ("v2", "v1")
 INTER_VOLUME_MODES = ("batch", "global")
@@ -80,10 +82,6 @@ def crop_augmentation(augmentation: bool | CropAugmentation | Mapping | None,
     if isinstance(augmentation, Mapping):
         return CropAugmentation(**augmentation)
     return augmentation or None
-
-
-V2_AUGMENTATION = reference_augmentation(VOCO_V2_LAYOUT)
-V1_AUGMENTATION = reference_augmentation(VOCO_V1_LAYOUT)
 
 
 @dataclass
@@ -210,7 +208,7 @@ def next_volume_bases(bases: torch.Tensor, inter_volume: str = "batch") -> torch
     "global" gathers every rank's ``bases`` with `gather_with_gradient` (a student's gradient flows back to the
     rank that owns the row; a teacher's bases carry none, so theirs is a plain gather). Outside
     ``torch.distributed`` both are the same. All ranks must hold the same B (``drop_last=True``)."""
-    if inter_volume == "global" and is_distributed():
+    if inter_volume == "global" and world_size() > 1:
         count = bases.shape[0]
         every_rank = gather_with_gradient(bases)  # [world_size * B, K, P]
         rows = (torch.arange(count, device=bases.device) + dist.get_rank() * count + 1) % every_rank.shape[0]
@@ -338,7 +336,7 @@ class VoCoPretext(nn.Module):
     def forward(self, batch: Mapping[str, Any] | torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"image": [B, C, X, Y, Z]}`` (or the tensor), B >= 2 -> scalar losses and metrics (tensors)."""
         images = regions(batch, "VoCo")
-        ranks = dist.get_world_size() if self.inter_volume == "global" and is_distributed() else 1
+        ranks = world_size() if self.inter_volume == "global" else 1
         if images.shape[0] * ranks < 2:
             raise ConfigError(f"VoCo needs at least 2 regions per batch for its inter-volume term, got "
                               f"{images.shape[0]}; set the batch size to 2 or more (and drop_last=True).")
@@ -369,13 +367,9 @@ class VoCoPretext(nn.Module):
         network), ``labels [S, K]``, ``predictions [S, K]`` (s(student random crop, teacher base crop)), ``grid``.
         """
         images = regions(batch, "VoCo")
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             views = self.make_crops(images)
             student, teacher, _ = self.project(views.crops)
-        finally:
-            self.train(was_training)
         num_base = self.layout.num_base_crops
         predictions = similarity(student[0, num_base:], teacher[0, :num_base])
         return {

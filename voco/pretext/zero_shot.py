@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.networks.utils import eval_mode
 
 from voco.errors import ConfigError
 from voco.pretext.clip import batch_reports, study_images
@@ -164,10 +165,8 @@ def evaluate_zero_shot(pretext: CLIPPretext, data_loader: Iterable, finding_name
     ``metric/retrieval/study_to_report_recall_at_<k>`` and ``metric/retrieval/report_to_study_recall_at_<k>`` (Recall@K;
     MLflow metric names cannot hold an "@").
     """
-    was_training = pretext.training
-    pretext.eval()
     studies, reports, labels = [], [], []
-    try:
+    with eval_mode(pretext):
         for batch in data_loader:
             images, scan_mask = study_images(batch)
             studies.append(pretext.encode_studies(images.to(device), None if scan_mask is None else
@@ -186,8 +185,6 @@ def evaluate_zero_shot(pretext: CLIPPretext, data_loader: Iterable, finding_name
         probabilities = zero_shot_probabilities(
             pretext, studies.to(device), [phrases.get(name, finding_phrase(name)) for name in finding_names],
             templates).cpu()
-    finally:
-        pretext.train(was_training)
 
     auc, accuracy = roc_auc(probabilities, labels), balanced_accuracy(probabilities, labels)
     metrics: dict[str, float] = {}

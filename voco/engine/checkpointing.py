@@ -1,0 +1,144 @@
+"""Checkpoints of a run: what they hold beside the weights, the atomic saver, and which one a resume reads.
+
+`AtomicCheckpointSaver` writes checkpoints atomically; `latest_checkpoint` passes over damaged ones (the one
+policy, `voco.checkpoints.find_latest_checkpoint`, agreed by all ranks).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointSaver
+
+from voco.distributed import broadcast_object, get_rank
+from voco.checkpoints import find_latest_checkpoint
+from voco.errors import CheckpointError, VolumeError
+from voco.files import TEMPORARY_FILE, atomic_write
+
+# What ignite's atomic write names its temporary file (`tempfile.NamedTemporaryFile` in the checkpoint folder), and
+# what `voco.files.atomic_write` names its own: both are left over by a kill during a write.
+TEMPORARY_NAME = re.compile(r"tmp[a-z0-9_]{8}|" + TEMPORARY_FILE.pattern)
+
+
+def _synced_save(saver: DiskSaver, checkpoint: Mapping, path: Path, func: Callable) -> None:
+    """What an ignite `DiskSaver` writes, through `voco.files.atomic_write`: a temporary file in the folder, renamed
+    when complete, with the file and the folder flushed to disk (ignite's atomic mode does not fsync, so a node crash
+    could leave an empty checkpoint under its final name)."""
+    with atomic_write(path) as temporary:
+        func(checkpoint, temporary, **saver.kwargs)
+
+
+class RunInfo:
+    """What a checkpoint needs to rebuild the encoder: the backbone spec and the pretext's name, saved beside the
+    weights as plain data (CheckpointSaver takes objects with a state_dict)."""
+
+    def __init__(self, backbone: Mapping[str, Any], pretext: str, **extra: Any) -> None:
+        self.spec = dict(backbone, pretext=pretext, **extra)  # extra: e.g. the CLIP heads and text encoder
+
+    def state_dict(self) -> dict:
+        return dict(self.spec)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # the config decides the model; nothing to restore
+        pass
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's `CheckpointSaver` that writes every file atomically and can save on request.
+
+    Why: MONAI builds ignite's `DiskSaver` with ``atomic=False``, so a kill during a write leaves a truncated
+    newest checkpoint; here every file is written through `_synced_save` (a temporary file in the same folder, renamed
+    when complete, flushed to disk). Interval checkpoints that an earlier run of the folder left join the rotation,
+    so a resumed run still keeps only the newest `n_saved`; the temporary file of a write that a kill cut short is
+    deleted. Nothing is written on an exception when nothing was trained since the run started (a failed resume
+    must not replace the trained checkpoint with the untrained state). Arguments are those of MONAI's `CheckpointSaver`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:  # MONAI's DiskSaver (atomic=False) keeps its naming, writes through ours
+                checkpoint.save_handler._save_func = functools.partial(_synced_save, checkpoint.save_handler)
+        self._adopted_earlier = False
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        self._steps_this_process = 0
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._count_step)
+
+    def _count_step(self, engine: Engine) -> None:
+        self._steps_this_process += 1
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        if isinstance(e, VolumeError):  # the strict data policy: `GracefulStop` writes the checkpoint and stops
+            return
+        if not self._steps_this_process:
+            # Nothing was trained in this process: the state may come from a failed load (another model setting),
+            # and writing it would replace the trained checkpoint with untrained weights.
+            self.logger.info("no checkpoint written on the exception: nothing was trained since the run started")
+            return
+        super().exception_raised(engine, e)
+
+    def interval_completed(self, engine: Engine) -> None:
+        self._adopt_earlier_checkpoints(engine)
+        super().interval_completed(engine)
+
+    def _adopt_earlier_checkpoints(self, engine: Engine) -> None:
+        """Register the interval files of earlier runs (ignite's `Checkpoint` only knows the files it wrote)."""
+        checkpoint = self._interval_checkpoint
+        if self._adopted_earlier or checkpoint is None or checkpoint.n_saved is None:
+            return
+        self._adopted_earlier = True
+        for leftover in Path(self.save_dir).iterdir():  # half-written by a run killed during a write
+            if TEMPORARY_NAME.fullmatch(leftover.name) and leftover.is_file():
+                leftover.unlink(missing_ok=True)
+        prefix = f"{checkpoint.filename_prefix}_" if checkpoint.filename_prefix else ""
+        name = next(iter(checkpoint.to_save)) if len(checkpoint.to_save) == 1 else "checkpoint"  # as ignite names
+        pattern = re.compile(rf"{re.escape(prefix + name)}_{checkpoint.score_name}=(\d+)\.pt")
+        current = engine.state.epoch if self.epoch_level else engine.state.iteration
+        earlier = sorted((int(match.group(1)), path.name) for path in Path(self.save_dir).glob("*.pt")
+                         if (match := pattern.fullmatch(path.name)) and int(match.group(1)) < current)
+        checkpoint.load_state_dict({"_saved": earlier[-checkpoint.n_saved:]})
+
+    def save_now(self, engine: Engine) -> Path | None:
+        """Write a checkpoint of the current state now, unless this iteration's exists; returns its path.
+
+        An interval checkpoint (named by its iteration, so resume takes it as the newest), or the final one where
+        the saver has no iteration interval."""
+        checkpoint = self._interval_checkpoint
+        if checkpoint is not None and not self.epoch_level:
+            self._adopt_earlier_checkpoints(engine)
+            saved = checkpoint.state_dict()["_saved"]
+            if not saved or saved[-1][0] != engine.state.iteration:
+                checkpoint(engine)
+        elif self._final_checkpoint is not None:
+            self._delete_previous_final_ckpt()
+            checkpoint = self._final_checkpoint
+            checkpoint(engine)
+        else:
+            return None
+        return Path(checkpoint.last_checkpoint)
+
+
+def latest_checkpoint(directory: str | Path) -> str | None:
+    """Path of the newest checkpoint in `directory` that reads completely (for resume), or None where there is none:
+    `voco.checkpoints.find_latest_checkpoint`, decided by rank 0 and told to the other ranks under torchrun, so
+    all load the same file.
+
+    Raises:
+        CheckpointError: the folder holds checkpoints and none of them can be read.
+    """
+    found, problem = None, None
+    if get_rank() == 0:
+        try:
+            found = find_latest_checkpoint(directory)
+        except CheckpointError as error:
+            problem = str(error)
+    found, problem = broadcast_object((None if found is None else str(found), problem))
+    if problem is not None:
+        raise CheckpointError(problem)
+    return found

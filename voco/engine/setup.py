@@ -1,0 +1,59 @@
+"""What a bundle calls before training: required settings and the run folder with its MLflow experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch.distributed as dist
+
+from voco.distributed import get_rank, is_distributed
+from voco.errors import ConfigError
+
+
+def required_setting(name: str, what: str) -> None:
+    """Config value for a setting the user must give: evaluating it stops the run with what to pass."""
+    raise ConfigError(f"the bundle needs --{name}: {what}.")
+
+
+def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str) -> Path:
+    """Create the run folder; where the store is our embedded SQLite file, create the experiment with its
+    artifacts beside the store (MLflow would otherwise put them in ./mlruns of whatever folder this runs in)."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tracking_uri.startswith("sqlite:///") and get_rank() == 0:  # one writer: SQLite
+        from voco.tracking import prepare_experiment
+
+        try:
+            prepare_experiment(tracking_uri, experiment_name)
+        except ImportError:  # mlflow missing: only tracking needs it, and tracking reports that itself
+            pass
+    if is_distributed():
+        dist.barrier()  # the other ranks wait until the store and experiment exist
+    return folder
+
+
+# What the pretraining bundles compute from their settings, named here so that configs only compose.
+
+
+def warmup_steps(requested: int, max_steps: int) -> int:
+    """The learning-rate warm-up: as requested, but at most a tenth of the run (at least one step), so a short
+    run (a smoke test, a resumed run with fewer steps) still reaches its learning rate."""
+    return min(int(requested), max(int(max_steps) // 10, 1))
+
+
+def enabled(handlers: Sequence[Any]) -> list:
+    """The handlers that are switched on (a config item with ``_disabled_`` true resolves to None)."""
+    return [handler for handler in handlers if handler is not None]
+
+
+def validation_datalist(split: Sequence[Sequence[Mapping]], batch_size: int) -> list:
+    """The held-out entries of ``(training, validation)``; without any, the first batch of training entries, so the
+    validation and picture handlers still have data (their numbers then say nothing about held-out volumes)."""
+    training, validation = split
+    return list(validation) or list(training)[:batch_size]
+
+
+def resumable(objects: Mapping[str, Any]) -> dict:
+    """The checkpoint objects a resume loads: all but ``backbone_spec`` (the config decides the model)."""
+    return {name: value for name, value in objects.items() if name != "backbone_spec"}
