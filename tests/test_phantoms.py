@@ -222,3 +222,14 @@ def test_refused_destinations_are_left_as_they_were(tmp_path):
     assert [path.name for path in foreign.iterdir()] == ["table.csv"]
     leftovers = [name for name in os.listdir(tmp_path) if name not in ("notes.txt", "results")]
     assert [name for name in leftovers if not name.endswith(".lock")] == [], "no half-written output"
+
+
+def test_a_written_set_is_readable_by_colleagues_under_the_umask(tmp_path):
+    """mkdtemp makes the staging folder 0700; the set renamed into place has the mode a mkdir gives (issue 16)."""
+    previous = os.umask(0o022)
+    try:
+        ensure_phantoms(tmp_path / "set", 1, 0, **SMALL)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "set").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "set" / "manifest.json").stat().st_mode & 0o777 == 0o644

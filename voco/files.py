@@ -45,6 +45,15 @@ def write_json_atomically(content: Any, path: str | os.PathLike, **dump_options:
     return path
 
 
+def with_umask_mode(folder: str | os.PathLike) -> Path:
+    """Give a folder made by `tempfile.mkdtemp` (mode 0700) the mode a plain mkdir gives under the umask, so that
+    colleagues on a shared cluster can read what is renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    return Path(folder)
+
+
 def _sync(path: Path) -> None:
     """Flush a file's (or a folder's entries') data to the disk; a no-op where the system cannot."""
     try:

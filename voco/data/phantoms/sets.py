@@ -18,6 +18,7 @@ from voco.data.phantoms.studies import (DEFAULT_STUDY_SHAPE_RANGE, MAX_STUDY_SCA
                                          STUDY_ENLARGED_SPLEEN_PROBABILITY, STUDY_LESION_PROBABILITY,
                                          make_phantom_study)
 from voco.errors import ConfigError, VocoError
+from voco.files import with_umask_mode
 
 logger = logging.getLogger("voco.data.phantoms")
 
@@ -207,7 +208,8 @@ def _staged_set(out_dir: Path, with_labels: bool) -> Iterator[Path]:
     _check_replaceable(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        staging = with_umask_mode(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial",
+                                                   dir=out_dir.parent))
     except OSError as error:
         raise VocoError(f"cannot create the phantom folder {out_dir} ({error.strerror}); "
                         f"choose a writable location.") from error
