@@ -235,6 +235,19 @@ def test_a_checkpoint_that_loads_almost_nothing_is_refused_and_changes_nothing()
     assert "feature size 24 and the model 12" in report.table()
 
 
+def test_an_encoder_holding_nan_is_refused_and_changes_nothing(ssl_head: dict) -> None:
+    """A diverged run's weights: "loaded 145/145" would hide them, and training on them gives NaN losses (issue 16)."""
+    broken = dict(ssl_head)
+    name = next(key for key in broken if key.endswith("patch_embed.proj.weight"))
+    broken[name] = broken[name].clone()
+    broken[name].view(-1)[0] = float("nan")
+    model = swin_unetr(seed=0)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"1 tensors hold NaN or infinite values \(e.g. .*patch_embed"):
+        load_encoder_weights(model, broken)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
 def test_unrelated_weights_are_refused() -> None:
     with pytest.raises(CheckpointError, match="loaded 0/145"):
         load_encoder_weights(swin_unetr(), {"fc.weight": torch.zeros(2, 2)})

@@ -469,6 +469,14 @@ def load_encoder_weights(
             f"Refused to load {label}: load_decoder is on, but {found}; pass a whole-SwinUNETR checkpoint "
             "(e.g. VoComni) of this feature size, or leave load_decoder at None."
         )
+    to_load = [weights[name] for name in report.loaded] + [decoder_weights[name] for name in report.decoder_loaded]
+    non_finite = [name for name, tensor in zip(report.loaded + report.decoder_loaded, to_load)
+                  if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all())]
+    if non_finite:
+        raise CheckpointError(
+            f"Refused to load {label}: {len(non_finite)} tensors hold NaN or infinite values (e.g. "
+            f"{', '.join(non_finite[:3])}); the run that wrote it diverged, so take an earlier checkpoint of it."
+        )
     # strict=False: the missing and skipped tensors are named in the report instead.
     model.load_state_dict({prefix + name: weights[name] for name in report.loaded}, strict=False)
     if report.decoder_loaded:
