@@ -85,12 +85,9 @@ def pretrain(pretext: str, manifest: Path, steps: int, out: Path, tracking_uri: 
 def trained_steps(checkpoint: Path) -> int:
     """The iteration a pretraining checkpoint was written at; 0 when there is none. A run that failed at its
     start also leaves a `checkpoint_final.pt` (written on the exception), so its existence proves nothing."""
-    import torch
+    from voco.checkpoints import stored_step
 
-    if not checkpoint.is_file():
-        return 0
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return int(state.get("trainer", {}).get("iteration", 0))
+    return (stored_step(checkpoint) or 0) if checkpoint.is_file() else 0
 
 
 def probe_encoder(backbone_spec: dict, checkpoint: Path | None, probe_set, seed: int) -> dict[str, float]:

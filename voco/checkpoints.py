@@ -603,13 +603,13 @@ def ranked_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
     def rank(path: Path) -> tuple[int, int, float]:
         match = _STEP_IN_NAME.search(path.name)
-        step = int(match.group(1) or match.group(2)) if match else _stored_step(path)
+        step = int(match.group(1) or match.group(2)) if match else stored_step(path)
         return (0, 0, path.stat().st_mtime) if step is None else (1, step, path.stat().st_mtime)
 
     return sorted(candidates, key=rank, reverse=True)
 
 
-def _stored_step(path: Path) -> int | None:
+def stored_step(path: Path) -> int | None:
     """The iteration a training checkpoint records, read with its tensors memory-mapped (not loaded)."""
     try:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
