@@ -36,6 +36,8 @@ from voco.engine import (
     AtomicCheckpointSaver,
     GracefulStop,
     PretextTrainer,
+    ResumeLoader,
+    RunInfo,
     StepLogger,
     latest_checkpoint,
 )
@@ -105,12 +107,13 @@ def train(datalist: list[dict], checkpoints: Path, *, stop_at: int | None = None
                              handlers=[LrScheduleHandler(schedule, epoch_level=False, print_lr=False),
                                        StepLogger(interval=1)])
     objects = {"pretext": pretext, "optimizer": optimizer, "lr_scheduler": schedule, "trainer": trainer,
-               "random_state": trainer.random_state}
+               "random_state": trainer.random_state,
+               "backbone_spec": RunInfo({"name": "vit", "size": "tiny"}, "cyclic", decoder_dim=decoder_dim)}
     saver = AtomicCheckpointSaver(save_dir=str(checkpoints), save_dict=objects, save_interval=1, epoch_level=False,
                                   n_saved=n_saved, save_final=True, final_filename="checkpoint_final.pt")
     saver.attach(trainer)
     if resume:
-        CheckpointLoader(latest_checkpoint(checkpoints), objects).attach(trainer)
+        ResumeLoader(latest_checkpoint(checkpoints), objects).attach(trainer)
     GracefulStop(saver).attach(trainer)
     run = Run(trainer, checkpoints, {}, {})
 
@@ -128,13 +131,33 @@ def train(datalist: list[dict], checkpoints: Path, *, stop_at: int | None = None
 
 def test_a_failed_resume_leaves_the_trained_checkpoints_as_they_were(uninterrupted, datalist, tmp_path):
     """Resuming with another model setting fails in load_state_dict; MONAI's save-on-exception would then write the
-    untrained state as checkpoint_final.pt over the trained one. Nothing is written when nothing was trained."""
+    untrained state as checkpoint_final.pt over the trained one. Nothing is written when nothing was trained, and
+    the error is one sentence naming the setting and the tensors that differ."""
     folder = tmp_path / "checkpoints"
     shutil.copytree(uninterrupted.checkpoints, folder)
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(CheckpointError) as failed:
         train(datalist, folder, resume=True, decoder_dim=48)
+    message = str(failed.value)
+    assert message.startswith(f"checkpoint {latest_checkpoint(folder)} was written by a run with other model "
+                              "settings (decoder_dim 32 there, 48 here; ")
+    assert "(32,) there, (48,) here" in message and "more tensors" in message
+    assert message.endswith("resume it with its original settings, or start a new run with another --run_name.")
+    assert "\n" not in message
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+def test_resume_passes_over_files_no_checkpoint_saver_wrote(uninterrupted, datalist, tmp_path, capsys):
+    """An exported encoder named like an interval checkpoint of a later step ranks first by its name; it holds no
+    trainer state, so resume takes the run's own newest checkpoint and says what it passed over."""
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(uninterrupted.checkpoints, folder)
+    own_newest = latest_checkpoint(folder)
+    torch.save(read_checkpoint(own_newest)["pretext"], folder / "encoder_export_50000.pt")
+    capsys.readouterr()
+    assert latest_checkpoint(folder) == own_newest
+    assert (f"resume passes over encoder_export_50000.pt in {folder}: no trainer state in it"
+            in capsys.readouterr().out)
 
 
 def same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:

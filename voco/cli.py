@@ -94,7 +94,7 @@ class ManifestCommands:
 
     def check(self, manifest: str, dataset_dir: str | None = None, voxels: bool = True) -> None:
         """Validate every entry of MANIFEST (readable, 3-D, not empty, finite spacing and voxels); exit 1 on problems."""
-        from voco.data.folder import check_manifest, format_problem_table
+        from voco.data.manifest_checks import check_manifest, format_problem_table
 
         rows = check_manifest(manifest, dataset_dir=dataset_dir, read_voxels=voxels)
         print(format_problem_table(rows))
@@ -103,7 +103,7 @@ class ManifestCommands:
 
     def stats(self, manifest: str, dataset_dir: str | None = None) -> None:
         """Counts, shapes and spacings per dataset of MANIFEST."""
-        from voco.data.folder import manifest_stats
+        from voco.data.manifest_checks import manifest_stats
 
         print(manifest_stats(manifest, dataset_dir=dataset_dir))
 
@@ -122,7 +122,7 @@ class BenchmarkCommands:
         CT-RATE tasks the volumes and the report / label tables); exit 1 if not."""
         from voco.benchmark.checks import check_task_dataset
         from voco.benchmark.registry import get_task
-        from voco.data.folder import format_problem_table
+        from voco.data.manifest_checks import format_problem_table
 
         rows = check_task_dataset(get_task(task), dataset_dir, read_voxels=voxels)
         print(format_problem_table(rows))

@@ -208,6 +208,16 @@ def boxes_from_centres(centres: torch.Tensor, crop_size: Sequence[int]) -> torch
     return torch.cat([starts, starts + size], dim=-1)
 
 
+def sample_boxes(region_size: Sequence[int], scales: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """Float boxes ``[..., 6]`` holding ``scales [...]`` of the region's volume, with the region's aspect ratio
+    (each side ``size * scale^(1/3)``), placed uniformly inside the region."""
+    size = torch.tensor([float(s) for s in region_size])
+    sides = size * scales[..., None] ** (1.0 / 3.0)
+    starts = torch.rand(sides.shape, generator=generator) * (size - sides)
+    return torch.cat([starts, starts + sides], dim=-1)
+
+
 def sample_random_boxes(layout: CropLayout, num_crops: int, batch_size: int = 1, mode: str = "uniform",
                         generator: torch.Generator | None = None,
                         device: torch.device | str | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 
 from voco.benchmark.ct_rate import check_ct_rate_copy
 from voco.benchmark.registry import Task, is_whole, registration_keys
-from voco.data.folder import ProblemRows
+from voco.data.manifest_checks import ProblemRows
 from voco.data.manifest import SPLITS, is_decathlon
 from voco.data.volumes import VolumeHeader, header_problems, inspect_volume, load_voxels, one_line
 

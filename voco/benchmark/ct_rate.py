@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from voco.benchmark.registry import Task
-from voco.data.folder import ProblemRows
+from voco.data.manifest_checks import ProblemRows
 from voco.data.manifest import FINDINGS_KEY, manifest_from_records, save_manifest, to_datalist
 from voco.data.reports import IMAGE_SUFFIXES, attach_reports, image_stem
 from voco.data.studies import group_studies

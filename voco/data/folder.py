@@ -1,7 +1,5 @@
-"""Manifests from folders: scan a tree of volumes, write its manifest, check every entry, summarise it.
-
-`voco manifest build DIR`, `voco manifest check FILE` and `voco manifest stats FILE` call
-`build_manifest_from_folder`, `check_manifest` (+ `format_problem_table`) and `manifest_stats`.
+"""Manifests from folders: scan a tree of volumes and write its manifest (`voco manifest build DIR` calls
+`build_manifest_from_folder`; checking and summarising a manifest is `voco.data.manifest_checks`).
 
 How a folder tree becomes datasets / subjects / studies / scans:
 
@@ -22,20 +20,17 @@ How a folder tree becomes datasets / subjects / studies / scans:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
-import numpy as np
-
-from voco.data.manifest import (DEFAULT_PRESETS, MODALITY_ALIASES, load_manifest, manifest_from_records,
-                                normalize_modality, save_manifest, to_datalist)
+from voco.data.manifest import (DEFAULT_PRESETS, MODALITY_ALIASES, manifest_from_records, normalize_modality,
+                                save_manifest)
 from voco.data.volumes import (VolumeHeader, dicom_series_names, dicom_tags, file_stem, header_problems,
-                               image_format, inspect_volume, one_line, read_dicom_header, read_header)
+                               image_format, inspect_volume, one_line, read_dicom_header)
 from voco.errors import ManifestError, MissingDependencyError, VolumeError
 
 logger = logging.getLogger(__name__)
@@ -368,150 +363,3 @@ def build_manifest_from_folder(directory: str | os.PathLike, *, output: str | os
     except ValueError:  # another drive on Windows: no relative path exists
         manifest["dataset_dir"] = root.as_posix()
     return save_manifest(manifest, output), problems
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checking
-
-
-class ProblemRows(list):
-    """The rows of `check_manifest`, which also remember how many scans were checked (`scans`)."""
-
-    scans: int = 0
-
-
-def _facts_differ(recorded: Sequence[float], actual: Sequence[float], tolerance: float = 1e-3) -> bool:
-    return len(recorded) != len(actual) or any(
-        not math.isclose(float(a), float(b), rel_tol=tolerance, abs_tol=tolerance) for a, b in zip(recorded, actual))
-
-
-def check_manifest(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None,
-                   read_voxels: bool = True) -> list[dict]:
-    """Check every scan (and label) of a manifest with `check_volume`.
-
-    Beyond the volume checks, a label whose shape differs from its image's, and header facts recorded in the
-    manifest (shape, spacing) that no longer match the file, are problems too.
-
-    Returns:
-        rows ``{"entry": "dataset/subject/study/scan_index", "path": ..., "problem": ...}``, empty when all is
-        well; the list's ``scans`` attribute is the number of scans checked.
-
-    Raises:
-        ManifestError: the manifest itself cannot be read or does not follow the schema.
-    """
-    datalist = to_datalist(load_manifest(path), dataset_dir=dataset_dir)
-    rows = ProblemRows()
-    rows.scans = len(datalist)
-    for count, entry in enumerate(datalist, start=1):
-        if count % PROGRESS_EVERY == 0:
-            logger.info("checked %d of %d scans of %s", count, len(datalist), path)
-        where = f"{entry['dataset']}/{entry['subject']}/{entry['study']}/{entry['scan_index']}"
-        header, problems = inspect_volume(entry["image"], read_voxels=read_voxels, series=entry.get("series"))
-        if header is not None and not problems:
-            for fact, actual in (("shape", header.spatial_shape), ("spacing", header.spacing)):
-                if fact in entry and _facts_differ(entry[fact], actual):
-                    problems.append(f"{entry['image']} has the {fact} {list(actual)} but the manifest records "
-                                    f"{entry[fact]}; rebuild the manifest with `voco manifest build`.")
-        rows.extend({"entry": where, "path": entry["image"], "problem": problem} for problem in problems)
-        if "label" in entry:
-            label_header, label_problems = inspect_volume(entry["label"], read_voxels=read_voxels)
-            if header is not None and label_header is not None and not label_problems \
-                    and label_header.spatial_shape != header.spatial_shape:
-                label_problems.append(f"{entry['label']} has the shape {list(label_header.spatial_shape)} but its "
-                                      f"image has {list(header.spatial_shape)}; give the label of this image.")
-            rows.extend({"entry": where, "path": entry["label"], "problem": problem} for problem in label_problems)
-    return rows
-
-
-def format_problem_table(rows: Sequence[Mapping[str, str]], scans: int | None = None) -> str:
-    """A plain-text table of `check_manifest` rows (entry, path, problem); "no problems in N scans" when empty.
-
-    `scans` defaults to the count that `check_manifest`'s rows carry.
-    """
-    scans = getattr(rows, "scans", None) if scans is None else scans
-    if not rows:
-        return f"no problems in {scans} scans" if scans is not None else "no problems"
-    columns = ("entry", "path", "problem")
-    widths = {column: max(len(column), *(len(str(row[column])) for row in rows)) for column in columns[:2]}
-    lines = ["  ".join([column.ljust(widths.get(column, 0)) for column in columns]).rstrip(),
-             "  ".join("-" * widths.get(column, len(column)) for column in columns)]
-    lines += ["  ".join([str(row["entry"]).ljust(widths["entry"]), str(row["path"]).ljust(widths["path"]),
-                         str(row["problem"])]) for row in rows]
-    entries = len({row["entry"] for row in rows})
-    lines.append(f"{len(rows)} problems in {entries} of {scans} scans" if scans is not None
-                 else f"{len(rows)} problems in {entries} scans")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Summary
-
-
-def _axis_ranges(values: list[Sequence[float]], unit: str) -> str:
-    """Min / median / max per axis of a list of 3-vectors, e.g. ``min 117 × 91 × 20   median ...``."""
-    table = np.asarray(values, dtype=float)
-
-    def text(row: np.ndarray) -> str:
-        return " × ".join(f"{value:g}" for value in row)
-
-    return (f"min {text(table.min(axis=0))}   median {text(np.median(table, axis=0))}   "
-            f"max {text(table.max(axis=0))} {unit}").rstrip()
-
-
-def manifest_stats(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None) -> str:
-    """A plain-text summary of a manifest, per dataset: counts of subjects / studies / scans / labels / reports,
-    modality, preset, and the min / median / max of shape and spacing per axis (from the recorded header facts,
-    or read from the file headers where the manifest does not record them)."""
-    manifest = load_manifest(path)
-    datalist = to_datalist(manifest, dataset_dir=dataset_dir)
-    by_dataset: dict[str, list[dict]] = defaultdict(list)
-    for entry in datalist:
-        by_dataset[entry["dataset"]].append(entry)
-    totals: Counter = Counter()
-    blocks = []
-    for dataset in manifest["datasets"]:
-        entries = by_dataset[dataset["name"]]
-        counts = {
-            "subjects": len(dataset["subjects"]),
-            "studies": sum(len(subject["studies"]) for subject in dataset["subjects"]),
-            "scans": len(entries),
-            "labels": sum("label" in entry for entry in entries),
-            "reports": sum("report" in study for subject in dataset["subjects"] for study in subject["studies"]),
-        }
-        totals.update(counts)
-        shapes, spacings, orientations, unreadable = [], [], Counter(), 0
-        for entry in entries:
-            shape, spacing, orientation = entry.get("shape"), entry.get("spacing"), entry.get("orientation")
-            if shape is None or spacing is None:
-                try:
-                    header = read_header(entry["image"], series=entry.get("series"))
-                except VolumeError:
-                    unreadable += 1
-                    continue
-                shape, spacing = header.spatial_shape, header.spacing
-                orientation = orientation or header.orientation
-            if len(shape) == 3 and len(spacing) == 3:
-                shapes.append(shape)
-                spacings.append(spacing)
-            if orientation:
-                orientations[orientation] += 1
-        modality = normalize_modality(dataset["modality"], dataset["name"])
-        lines = [f"dataset {dataset['name']}: modality {modality}, "
-                 f"preset {dataset.get('preset', DEFAULT_PRESETS[modality])}",
-                 "  " + ", ".join(f"{what} {count}" for what, count in counts.items())]
-        scan_modalities = Counter(entry["modality"] for entry in entries)
-        if len(scan_modalities) > 1:
-            lines.append("  scan modalities: " + ", ".join(f"{name} {count}" for name, count in scan_modalities.items()))
-        if shapes:
-            lines.append("  shape (voxels)  " + _axis_ranges(shapes, ""))
-            lines.append("  spacing         " + _axis_ranges(spacings, "mm"))
-        if orientations:
-            lines.append("  orientation     " + ", ".join(f"{code} {count}" for code, count in orientations.most_common()))
-        if unreadable:
-            lines.append(f"  {unreadable} scans have no recorded header facts and could not be read "
-                         f"(run `voco manifest check`)")
-        blocks.append("\n".join(lines))
-    title = (f"manifest {manifest.get('name', Path(path).stem)} ({manifest['_path']}): "
-             f"datasets {len(manifest['datasets'])}, " + ", ".join(f"{what} {totals[what]}" for what in
-                                                                 ("subjects", "studies", "scans", "labels", "reports")))
-    return "\n\n".join([title] + blocks)

@@ -1,7 +1,8 @@
 """Checkpoints of a run: what they hold beside the weights, the atomic saver, and which one a resume reads.
 
 `AtomicCheckpointSaver` writes checkpoints atomically; `latest_checkpoint` passes over damaged ones (the one
-policy, `voco.checkpoints.find_latest_checkpoint`, agreed by all ranks).
+policy, `voco.checkpoints.find_latest_checkpoint`, agreed by all ranks); `ResumeLoader` restores one and says in
+one sentence which settings differ when it does not fit the configured model.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any, Callable, Mapping
 
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch import nn
 
 from voco.distributed import broadcast_object, get_rank
-from voco.checkpoints import find_latest_checkpoint
+from voco.checkpoints import find_latest_checkpoint, read_checkpoint
 from voco.errors import CheckpointError, VolumeError
 from voco.files import TEMPORARY_FILE, atomic_write
 
@@ -126,8 +128,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 def latest_checkpoint(directory: str | Path) -> str | None:
     """Path of the newest checkpoint in `directory` that reads completely (for resume), or None where there is none:
-    `voco.checkpoints.find_latest_checkpoint`, decided by rank 0 and told to the other ranks under torchrun, so
-    all load the same file.
+    `voco.checkpoints.find_latest_checkpoint` of the files holding a trainer state, decided by rank 0 and told to the
+    other ranks under torchrun, so all load the same file.
 
     Raises:
         CheckpointError: the folder holds checkpoints and none of them can be read.
@@ -135,10 +137,54 @@ def latest_checkpoint(directory: str | Path) -> str | None:
     found, problem = None, None
     if get_rank() == 0:
         try:
-            found = find_latest_checkpoint(directory)
+            found = find_latest_checkpoint(directory, training_state=True)
         except CheckpointError as error:
             problem = str(error)
     found, problem = broadcast_object((None if found is None else str(found), problem))
     if problem is not None:
         raise CheckpointError(problem)
     return found
+
+
+class ResumeLoader(CheckpointLoader):
+    """MONAI's `CheckpointLoader` for resuming a run from `checkpoint_objects`: the ``backbone_spec`` entry is not
+    restored (the config decides the model) but compared, and a checkpoint that does not fit the configured model
+    ends in one sentence naming the settings and tensors that differ and what to do.
+
+    Why: MONAI's loader fails with PyTorch's page-long ``size mismatch`` listing, which names no setting.
+    """
+
+    def __init__(self, load_path: str, load_dict: Mapping[str, Any], **kwargs: Any) -> None:
+        self.configured_spec = load_dict["backbone_spec"].state_dict() if "backbone_spec" in load_dict else {}
+        super().__init__(load_path, {name: value for name, value in load_dict.items() if name != "backbone_spec"},
+                         **kwargs)
+
+    def __call__(self, engine: Engine) -> None:
+        try:
+            super().__call__(engine)
+        except RuntimeError as error:  # load_state_dict: missing, unexpected or differently shaped tensors
+            raise CheckpointError(self._mismatch(error)) from error
+
+    def _mismatch(self, error: RuntimeError) -> str:
+        stored = read_checkpoint(self.load_path)
+        spec = stored.get("backbone_spec") if isinstance(stored.get("backbone_spec"), Mapping) else {}
+        settings = [f"{name} {spec.get(name)!r} there, {self.configured_spec.get(name)!r} here"
+                    for name in sorted(set(spec) | set(self.configured_spec))
+                    if spec.get(name) != self.configured_spec.get(name)]
+        tensors = []
+        for name, module in self.load_dict.items():
+            if isinstance(module, nn.Module) and isinstance(stored.get(name), Mapping):
+                tensors += _differing_tensors(stored[name], module.state_dict())
+        differences = settings + tensors[:3] + ([f"{len(tensors) - 3} more tensors"] if len(tensors) > 3 else [])
+        found = "; ".join(differences) if differences else str(error).strip().splitlines()[0]
+        return (f"checkpoint {self.load_path} was written by a run with other model settings ({found}): resume it "
+                "with its original settings, or start a new run with another --run_name.")
+
+
+def _differing_tensors(stored: Mapping[str, Any], own: Mapping[str, Any]) -> list[str]:
+    """``name shape there, shape here`` for tensors of another shape, and the names only one side has."""
+    differing = [f"{name} {tuple(stored[name].shape)} there, {tuple(own[name].shape)} here"
+                 for name in own if name in stored and tuple(stored[name].shape) != tuple(own[name].shape)]
+    differing += [f"{name} only there" for name in stored if name not in own]
+    differing += [f"{name} only here" for name in own if name not in stored]
+    return differing

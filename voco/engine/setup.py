@@ -1,4 +1,4 @@
-"""What a bundle calls before training: required settings and the run folder with its MLflow experiment."""
+"""What a bundle calls before training: required settings and the run folder (locked) with its MLflow experiment."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from voco.distributed import get_rank, is_distributed
 from voco.errors import ConfigError
+from voco.run_lock import lock_run_folder
 
 
 def required_setting(name: str, what: str) -> None:
@@ -16,11 +17,15 @@ def required_setting(name: str, what: str) -> None:
     raise ConfigError(f"the bundle needs --{name}: {what}.")
 
 
-def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str) -> Path:
-    """Create the run folder; where the store is our embedded SQLite file, create the experiment with its
-    artifacts beside the store (MLflow would otherwise put them in ./mlruns of whatever folder this runs in)."""
+def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str, lock: bool = True) -> Path:
+    """Create the run folder and, with `lock`, take its lock (`voco.run_lock`; rank 0 under torchrun): a second
+    process with the same run name stops in one sentence. Where the store is our embedded SQLite file, create the
+    experiment with its artifacts beside the store (MLflow would otherwise put them in ./mlruns of whatever folder
+    this runs in). The bundles release the lock in ``finalize`` (`voco.engine.release_run`)."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    if lock and get_rank() == 0:
+        lock_run_folder(folder)
     if tracking_uri.startswith("sqlite:///") and get_rank() == 0:  # one writer: SQLite
         from voco.tracking import prepare_experiment
 
@@ -52,8 +57,3 @@ def validation_datalist(split: Sequence[Sequence[Mapping]], batch_size: int) -> 
     validation and picture handlers still have data (their numbers then say nothing about held-out volumes)."""
     training, validation = split
     return list(validation) or list(training)[:batch_size]
-
-
-def resumable(objects: Mapping[str, Any]) -> dict:
-    """The checkpoint objects a resume loads: all but ``backbone_spec`` (the config decides the model)."""
-    return {name: value for name, value in objects.items() if name != "backbone_spec"}

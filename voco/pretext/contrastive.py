@@ -55,7 +55,7 @@ from monai.networks.utils import eval_mode
 
 from voco.distributed import get_rank, world_size
 from voco.errors import ConfigError
-from voco.geometry import resample_boxes
+from voco.geometry import resample_boxes, sample_boxes
 from voco.health import embedding_health
 from voco.networks.teacher import EMATeacher
 from voco.pretext.views import (as_generator, flip_rotate, gather_with_gradient, intensity_jitter, new_figure,
@@ -114,16 +114,6 @@ class ContrastiveViews:
     rotations: torch.Tensor
     inverted: torch.Tensor
     token_mask: torch.Tensor | None
-
-
-def sample_boxes(region_size: Sequence[int], scales: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
-    """Float boxes ``[..., 6]`` holding ``scales [...]`` of the region's volume, with the region's aspect ratio
-    (each side ``size * scale^(1/3)``), placed uniformly inside the region."""
-    size = torch.tensor([float(s) for s in region_size])
-    sides = size * scales[..., None] ** (1.0 / 3.0)
-    starts = torch.rand(sides.shape, generator=generator) * (size - sides)
-    return torch.cat([starts, starts + sides], dim=-1)
 
 
 def random_token_mask(count: int, num_tokens: int, ratio: float, generator: torch.Generator | None = None
