@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
+from types import SimpleNamespace
 
 import pytest
 
@@ -309,3 +310,57 @@ def test_grid_runs_the_smoke_bundle_and_report_shows_it(tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert "| phantom-seg | scratch | scratch | swin-tiny | all | Dice | 1 |" in out
     assert (tmp_path / "results" / "results.md").is_file()
+
+
+class NaNLossFrom:
+    """A loss that is NaN from the given (1-based) call on: a pretrained file full of NaN or a diverged learning
+    rate, as the fine-tuning trainer sees it."""
+
+    def __init__(self, first_bad: int) -> None:
+        self.first_bad, self.calls = first_bad, 0
+
+    def __call__(self, prediction, target):
+        import torch
+
+        self.calls += 1
+        loss = torch.nn.functional.mse_loss(prediction, target)
+        return loss * float("nan") if self.calls >= self.first_bad else loss
+
+
+def test_fine_tuning_skips_non_finite_steps_and_stops_without_a_result(tmp_path):
+    """Issue 16 item 5: a NaN loss never reaches the weights; `max_bad_steps` of them in a row end the run with an
+    error before COMPLETED, so BenchmarkRecord writes no result (the grid reports the cell failed)."""
+    import torch
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    from voco.benchmark.finetune import BenchmarkRecord, NonFiniteLossError, NonFiniteLossGuard
+
+    torch.manual_seed(0)
+    network = torch.nn.Linear(4, 1)
+    data = [{"image": torch.randn(2, 4), "label": torch.randn(2, 1)} for _ in range(12)]
+    trainer = SupervisedTrainer("cpu", max_epochs=1, train_data_loader=data, network=network,
+                                optimizer=torch.optim.AdamW(network.parameters(), lr=0.1),
+                                loss_function=NaNLossFrom(3))
+    NonFiniteLossGuard(max_bad_steps=4).attach(trainer)
+    evaluator = SimpleNamespace(state=SimpleNamespace(metrics={"metric/dice": 0.0}))  # what BenchmarkRecord reads
+    BenchmarkRecord(evaluator, tmp_path, {"task": "t"}).attach(trainer)
+    weights = {}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda engine: weights.__setitem__(engine.state.iteration, network.weight.clone()))
+
+    with pytest.raises(NonFiniteLossError, match=r"^fine-tuning stopped at step 6: the loss was NaN or infinite in 4 "
+                                                 r"steps in a row; lower --learning_rate"):
+        trainer.run()
+    assert trainer.state.skipped_steps == 4
+    assert not torch.equal(weights[1], weights[2])  # finite steps train
+    assert all(torch.equal(weights[step], weights[2]) for step in (3, 4, 5))  # NaN steps leave the weights alone
+    assert bool(torch.isfinite(network.weight).all())
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_the_guard_refuses_a_limit_below_one():
+    from voco.benchmark.finetune import NonFiniteLossGuard
+
+    with pytest.raises(ConfigError, match="max_bad_steps must be at least 1"):
+        NonFiniteLossGuard(0)

@@ -160,3 +160,26 @@ def test_a_compiled_backbone_computes_the_same_and_keeps_its_parameter_names():
     for (name, parameter), (_, reference) in zip(compiled.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert compile_backbone(eager, enabled=False) is eager and eager.blocks[0]._compiled_call_impl is None
+
+
+def test_backbones_state_their_interfaces_and_a_pretext_names_what_is_missing(tiny_encoder):
+    """Issue 15 item 5: the Swin offers a feature pyramid, the ViT a token sequence; a pretext that needs one names
+    the members a backbone lacks in one sentence."""
+    from voco.networks.interfaces import FeaturePyramid, TokenSequence, require
+
+    vit = build_backbone("vit", "tiny", input_size=[32, 32, 32], patch_size=8)
+    assert isinstance(tiny_encoder, FeaturePyramid) and not isinstance(tiny_encoder, TokenSequence)
+    assert isinstance(vit, TokenSequence) and not isinstance(vit, FeaturePyramid)
+    assert require(vit, (TokenSequence, FeaturePyramid), "MIM") is TokenSequence
+    images = torch.rand(1, 1, 64, 64, 64)
+    assert torch.equal(tiny_encoder.deepest_features(images), tiny_encoder.forward_features(images)[-1])
+
+    class PooledOnly(nn.Module):
+        in_channels, embedding_dim = 1, 8
+
+    with pytest.raises(ConfigError) as refused:
+        require(PooledOnly(), (FeaturePyramid,), "SimMIM")
+    assert str(refused.value) == (
+        "SimMIM needs a backbone offering FeaturePyramid (voco.networks.interfaces), and the PooledOnly does not "
+        "(FeaturePyramid lacks deepest_features, feature_channels, feature_strides, forward_features); build it with "
+        "voco.networks.build_backbone.")

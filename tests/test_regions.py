@@ -147,5 +147,6 @@ def test_the_manifest_is_sharded_into_equal_disjoint_parts_per_rank():
     assert set(images) == {entry["image"] for entry in datalist} and len(set(images)) == 7
     assert shards == [shard_for_rank(datalist, seed=3, rank=rank, world_size=3) for rank in range(3)]  # seeded
     assert shard_for_rank(datalist) == datalist  # not distributed: everything
+    assert shard_for_rank(datalist, seed=3, shard=False, rank=1, world_size=3) == datalist  # shard_manifest: false
     with pytest.raises(ConfigError, match="2 training volumes for 4 ranks"):
         shard_for_rank(datalist[:2], rank=0, world_size=4)

@@ -41,7 +41,7 @@ from voco.engine import (
     StepLogger,
     latest_checkpoint,
 )
-from voco.errors import CheckpointError
+from voco.errors import CheckpointError, ConfigError
 from voco.networks import build_backbone
 from voco.pretext.contrastive import ContrastivePretext
 from voco.pretext.cyclic import CyclicPretext
@@ -598,3 +598,24 @@ def test_a_torchrun_job_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(
     reference = read_checkpoint(tmp_path / "runs" / "reference" / "checkpoints" / "checkpoint_final.pt")
     resumed = read_checkpoint(tmp_path / "runs" / "chain" / "checkpoints" / "checkpoint_final.pt")
     assert same_tensors(resumed["pretext"], reference["pretext"]), f"stopped after step {step}"
+
+
+def test_a_mistyped_override_stops_the_bundle_before_anything_is_written(tmp_path):
+    """Issue 16 item 10: MONAI's parser would add ``max_step`` as a new, unused entry and train with the default.
+    The run stops before it writes anything of its own; only the executed-config record that MONAI's ``--tracking``
+    writes while it builds the workflow (before any bundle code runs) is there."""
+    result = run_smoke_bundle(tmp_path, "typo", "--max_step", "1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --max_step names no setting of bundles/voco_pretrain (train.json, smoke.json), so it would be "
+        "ignored; did you mean --max_steps?")
+    assert all(path.name.startswith("config_") for path in (tmp_path / "runs" / "typo").iterdir())
+    assert "Traceback" not in result.stderr and "step 1/" not in result.stdout
+
+
+def test_run_bundle_checks_its_overrides_too():
+    from voco.bundles import run_bundle
+
+    with pytest.raises(ConfigError, match=r"^--learning_rat names no setting of bundles/voco_pretrain \(train.json, "
+                                          r"smoke.json\), so it would be ignored; did you mean --learning_rate\?$"):
+        run_bundle("voco_pretrain", ["train.json", "smoke.json"], learning_rat=1.0)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
+import re
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from voco.errors import ConfigError, VocoError
 
@@ -33,5 +37,75 @@ def run_bundle(name: str, config_files: Sequence[str], **overrides: Any) -> None
     from monai.bundle import run
 
     folder = bundle_dir(name)
+    check_overrides(config_paths(name, config_files), overrides)
     run(config_file=config_paths(name, config_files), bundle_root=str(folder),
         logging_file=str(folder / "configs" / "logging.conf"), **overrides)
+
+
+# What `python -m monai.bundle run` takes besides config ids (MONAI's `run` and `ConfigWorkflow` arguments).
+RUN_ARGUMENTS = frozenset({"config_file", "meta_file", "logging_file", "args_file", "init_id", "run_id", "final_id",
+                           "tracking", "workflow_type", "workflow_name", "properties_path"})
+# Keys a config component may gain from an override without holding them already.
+COMPONENT_KEYS = frozenset({"_target_", "_disabled_", "_requires_", "_desc_", "_mode_"})
+
+
+def check_overrides(config_files: Sequence[str | Path], names: Iterable[str]) -> None:
+    """Refuse an override that names no setting of the bundle's configs, with the closest setting's name.
+
+    Why: MONAI's parser adds an unknown id as a new, unused entry, so ``--max_step 1`` would train with the default
+    ``max_steps`` without a word. Nested ids (``train#handlers#0#interval``) must lead through existing entries; the
+    last part may add a key to an existing component (``..#_disabled_``).
+
+    Raises:
+        ConfigError: naming the override and, where one is close, the setting meant.
+    """
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files([str(file) for file in config_files])
+    for name in names:
+        if name in RUN_ARGUMENTS:
+            continue
+        node: Any = config
+        parts = re.split(r"::|#", name)
+        for depth, part in enumerate(parts):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif depth == len(parts) - 1 and isinstance(node, dict) and (depth > 0 or part in COMPONENT_KEYS):
+                break
+            else:
+                known = [key for key in config if not key.startswith("_")] if depth == 0 else \
+                    [str(key) for key in (node if isinstance(node, dict) else range(len(node)))] \
+                    if isinstance(node, (dict, list)) else []
+                close = difflib.get_close_matches(part, known, n=1, cutoff=0.6)
+                where = (f"bundles/{Path(config_files[0]).parent.parent.name} ("
+                         f"{', '.join(Path(file).name for file in config_files)})")
+                hint = (f"did you mean --{'#'.join(parts[:depth] + close)}?" if close else
+                        "see the settings table of the bundle's docs/README.md.")
+                raise ConfigError(f"--{name} names no setting of {where}, so it would be ignored; {hint}")
+
+
+def command_line_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """``(config files, override names)`` of a ``python -m monai.bundle run ...`` command line, or None for any
+    other program (a bundle run from Python through `run_bundle` is checked there)."""
+    if len(argv) < 2 or Path(argv[0]).parts[-2:] != ("bundle", "__main__.py") or argv[1] != "run":
+        return None
+    names, files = [], []
+    arguments = list(argv[2:])
+    for index, argument in enumerate(arguments):
+        if not argument.startswith("--"):
+            continue
+        name, _, value = argument[2:].partition("=")
+        names.append(name)
+        if name == "config_file":
+            value = value or (arguments[index + 1] if index + 1 < len(arguments) else "")
+            files = list(ast.literal_eval(value)) if value.startswith("[") else value.split(",")
+    return files, names
+
+
+def check_command_line() -> None:
+    """`check_overrides` for the command line this process runs, when it is ``python -m monai.bundle run``."""
+    found = command_line_overrides(sys.argv)
+    if found and found[0]:
+        check_overrides(*found)

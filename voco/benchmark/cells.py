@@ -16,6 +16,11 @@ def encoder_name(pretrained: str | None) -> str:
     return Path(str(pretrained)).name.split(".")[0]
 
 
+def default_mode(pretrained: str | None) -> str:
+    """The fine-tuning mode a cell takes when none is given: "scratch" without a checkpoint, else "finetune"."""
+    return "scratch" if encoder_name(pretrained) == "scratch" else "finetune"
+
+
 def run_name(task: str, pretrained: str | None, mode: str, backbone: str, size: str | int, seed: int,
              training_cases: int | None = None) -> str:
     """The MLflow run name of one benchmark cell, e.g. ``btcv-VoCo_B_SSL_head-finetune-swin_B-seed0``.

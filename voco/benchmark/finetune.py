@@ -20,7 +20,7 @@ from monai.handlers import MeanDice, ROCAUC, from_engine
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from voco.benchmark.registry import Task
-from voco.errors import ConfigError, ManifestError, optional_import
+from voco.errors import ConfigError, ManifestError, VocoError, optional_import
 from voco.tracking import RunLogger
 
 FINETUNE_TYPES = ("segmentation", "classification")
@@ -77,6 +77,21 @@ def require_finetune_type(task: Task, task_types: Sequence[str] = FINETUNE_TYPES
         raise ConfigError(f"task {task.id!r} {reason}; this configuration runs {' and '.join(task_types)} "
                           f"tasks{hint}.")
     return task
+
+
+def warmup_steps(total_steps: int) -> int:
+    """The fine-tuning warm-up: a twentieth of the steps, at least one."""
+    return max(1, int(total_steps) // 20)
+
+
+def validation_batch_size(task: Task, batch_size: int) -> int:
+    """Whole volumes one at a time for segmentation (sliding-window inference), the training batch otherwise."""
+    return 1 if task.task_type == "segmentation" else int(batch_size)
+
+
+def trainable_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer steps: those a frozen mode or a linear probe did not freeze."""
+    return [parameter for parameter in network.parameters() if parameter.requires_grad]
 
 
 def inferer(task: Task, sw_batch_size: int = 4, overlap: float = 0.5):
@@ -215,3 +230,49 @@ class BenchmarkRecord:
         run.log_metrics({f"best/{key}": float(best)}, step=engine.state.epoch)
         run.set_tags({f"voco.{k}": v for k, v in self.settings.items()} | {"voco.key_metric": key})
         return result
+
+
+class NonFiniteLossGuard:
+    """Skip the optimizer step of a fine-tuning iteration whose loss is NaN or infinite, count it
+    (``state.skipped_steps``), and stop the run after `max_bad_steps` of them in a row, as the pretraining engine does.
+
+    Why: MONAI's `SupervisedTrainer` steps on any loss, so one NaN makes every weight NaN and the cell would record
+    Dice 0 as a finished result. The gradients are dropped between the backward pass and the optimizer step
+    (MONAI's ``BACKWARD_COMPLETED`` event), so the optimizer leaves every weight as it was. The stop is an error: the
+    run does not complete, so `BenchmarkRecord` records nothing and `voco benchmark run` reports the cell as failed.
+    """
+
+    def __init__(self, max_bad_steps: int = 20) -> None:
+        if int(max_bad_steps) < 1:
+            raise ConfigError(f"max_bad_steps must be at least 1, got {max_bad_steps}; pass e.g. --max_bad_steps 20.")
+        self.max_bad_steps, self.in_a_row = int(max_bad_steps), 0
+
+    def attach(self, engine: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.state.skipped_steps = 0
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from monai.utils import CommonKeys
+
+        output = engine.state.output  # MONAI's step: {"loss": ...}; ours (registration) sets state.step_loss
+        loss = output[CommonKeys.LOSS] if isinstance(output, Mapping) else getattr(engine.state, "step_loss", None)
+        if loss is None:
+            raise ConfigError("NonFiniteLossGuard found no loss at BACKWARD_COMPLETED; the iteration must put it in "
+                              "engine.state.output['loss'] or engine.state.step_loss.")
+        if bool(torch.isfinite(loss.detach()).all()):
+            self.in_a_row = 0
+            return
+        engine.optimizer.zero_grad(set_to_none=True)  # a parameter without a gradient is not stepped
+        engine.state.skipped_steps += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"fine-tuning stopped at step {engine.state.iteration}: the loss was NaN or infinite in "
+                f"{self.in_a_row} steps in a row; lower --learning_rate, or check the pretrained encoder and the "
+                "labels (the cell is not recorded as finished).")
+
+
+class NonFiniteLossError(VocoError, ArithmeticError):
+    """Fine-tuning's loss stayed NaN or infinite (`NonFiniteLossGuard`)."""

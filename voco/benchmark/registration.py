@@ -81,6 +81,7 @@ def registration_train_step(engine: Engine, batch: Mapping[str, Any]) -> list[di
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         parts = engine.loss_function.components(warped, fixed, ddf, moving_label, fixed_label)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
+    engine.state.step_loss = parts["loss"]  # what `finetune.NonFiniteLossGuard` checks at BACKWARD_COMPLETED
     scaler = getattr(engine, "scaler", None)
     if amp and scaler is not None:
         scaler.scale(parts["loss"]).backward()

@@ -380,9 +380,10 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
     return SkipBadVolumes(dataset, ordered, bad_volumes=bad_volumes)
 
 
-def shard_for_rank(datalist: Sequence[Mapping[str, Any]], seed: int = 0, rank: int | None = None,
+def shard_for_rank(datalist: Sequence[Mapping[str, Any]], seed: int = 0, shard: bool = True, rank: int | None = None,
                    world_size: int | None = None) -> list[dict]:
-    """This rank's share of the datalist under torchrun (the whole list otherwise): a seeded shuffle cut into
+    """This rank's share of the datalist under torchrun (the whole list otherwise, or with `shard` off: every rank
+    reads every volume, the bundles' ``shard_manifest: false``): a seeded shuffle cut into
     `world_size` equal parts (MONAI's `partition_dataset`, the last parts padded with repeats), so each rank reads,
     preprocesses and caches only its own volumes — a memory cache takes 1/N of the host memory per rank. Each
     rank then shuffles its part every epoch; volumes do not move between ranks (as with sharded web datasets)."""
@@ -391,7 +392,7 @@ def shard_for_rank(datalist: Sequence[Mapping[str, Any]], seed: int = 0, rank: i
     if world_size is None:
         rank, world_size = get_rank(), ranks()
     datalist = [dict(entry) for entry in datalist]
-    if world_size <= 1:
+    if world_size <= 1 or not shard:
         return datalist
     if len(datalist) < world_size:
         raise ConfigError(f"the manifest has {len(datalist)} training volumes for {world_size} ranks; add volumes or "

@@ -126,6 +126,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
         return Path(checkpoint.last_checkpoint)
 
 
+def resume_checkpoint(directory: str | Path, resume: bool = True) -> str | None:
+    """What the bundles' ``resume_from`` is: `latest_checkpoint` of the folder, or None with `resume` off."""
+    return latest_checkpoint(directory) if resume else None
+
+
 def latest_checkpoint(directory: str | Path) -> str | None:
     """Path of the newest checkpoint in `directory` that reads completely (for resume), or None where there is none:
     `voco.checkpoints.find_latest_checkpoint` of the files holding a trainer state, decided by rank 0 and told to the

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import torch.distributed as dist
 
+from voco.bundles import check_command_line
 from voco.distributed import get_rank, is_distributed
 from voco.errors import ConfigError
 from voco.run_lock import lock_run_folder
@@ -18,10 +19,12 @@ def required_setting(name: str, what: str) -> None:
 
 
 def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str, lock: bool = True) -> Path:
-    """Create the run folder and, with `lock`, take its lock (`voco.run_lock`; rank 0 under torchrun): a second
-    process with the same run name stops in one sentence. Where the store is our embedded SQLite file, create the
+    """Check the command line's overrides (`voco.bundles.check_command_line`: a mistyped one stops the run, naming
+    the setting meant), create the run folder and, with `lock`, take its lock (`voco.run_lock`; rank 0 under
+    torchrun): a second process with the same run name stops in one sentence. Where the store is our embedded SQLite file, create the
     experiment with its artifacts beside the store (MLflow would otherwise put them in ./mlruns of whatever folder
     this runs in). The bundles release the lock in ``finalize`` (`voco.engine.release_run`)."""
+    check_command_line()  # before anything is written: a mistyped override stops the run with the setting meant
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     if lock and get_rank() == 0:

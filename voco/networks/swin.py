@@ -86,6 +86,11 @@ class SwinEncoder(nn.Module):
         return [self.encoder1(x), self.encoder2(hidden_states[0]), self.encoder3(hidden_states[1]),
                 self.encoder4(hidden_states[2]), self.encoder10(hidden_states[4])]
 
+    def deepest_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_features(x)[-1]`` alone, without the four shallower maps (the full-resolution ``encoder1``
+        alone costs more than the Swin stages)."""
+        return self.encoder10(self.swinViT(x, self.normalize)[4])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, in_channels, X, Y, Z]`` -> pooled embedding ``[N, 24 * C]``."""
         return torch.cat([feature.mean(dim=(2, 3, 4)) for feature in self.forward_features(x)], dim=1)

@@ -53,6 +53,7 @@ from monai.networks.utils import eval_mode
 from voco.distributed import get_rank, world_size
 from voco.errors import ConfigError
 from voco.health import embedding_health
+from voco.networks.interfaces import TokenSequence
 from voco.pretext.views import as_generator, gather_with_gradient, new_figure, save_figure
 
 LOSSES = ("infonce", "siglip")
@@ -229,7 +230,7 @@ class CLIPPretext(nn.Module):
                 raise ConfigError(f"the {name} {type(module).__name__} has no int `{attribute}`; use a voco backbone "
                                   "and a text encoder from voco.networks.text.")
         self.backbone, self.text_encoder = backbone, text_encoder
-        self.uses_tokens = hasattr(backbone, "forward_tokens")
+        self.uses_tokens = isinstance(backbone, TokenSequence)
         width = backbone.embedding_dim
         # Initialised like MAE's / timm's CLS token: N(0, 0.02).
         self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02) if self.uses_tokens else None

@@ -57,6 +57,7 @@ from voco.distributed import get_rank, world_size
 from voco.errors import ConfigError
 from voco.geometry import resample_boxes, sample_boxes
 from voco.health import embedding_health
+from voco.networks.interfaces import TokenSequence
 from voco.networks.teacher import EMATeacher
 from voco.pretext.views import (as_generator, flip_rotate, gather_with_gradient, intensity_jitter, new_figure,
                                 regions, save_figure)
@@ -334,7 +335,7 @@ class ContrastivePretext(nn.Module):
             raise ConfigError(f"num_views is {num_views}; use 2 (global + augmented) or 3 (+ token-masked).")
         if temperature <= 0:
             raise ConfigError(f"temperature is {temperature}; use a positive value (e.g. 0.1).")
-        uses_tokens = hasattr(backbone, "embed") and hasattr(backbone, "encode")
+        uses_tokens = isinstance(backbone, TokenSequence)
         if num_views == 3 and not uses_tokens:
             raise ConfigError(f"the masked third view needs a ViT backbone with patch tokens, not "
                               f"{type(backbone).__name__}; set num_views=2.")

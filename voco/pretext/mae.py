@@ -54,6 +54,7 @@ from torch import nn
 from monai.networks.utils import eval_mode
 
 from voco.errors import ConfigError
+from voco.networks.interfaces import FeaturePyramid, TokenSequence, require
 from voco.networks.vit import Block, as_triple, sincos_position_embedding
 from voco.pretext.views import as_generator, new_figure, regions, save_figure
 
@@ -238,14 +239,11 @@ class MaskedImagePretext(nn.Module):
         self.in_channels = int(backbone.in_channels)
 
         # A ViT (tokens, patch size, position table) or a convolutional-map encoder (the Swin: stride 32 last).
-        if hasattr(backbone, "embed") and hasattr(backbone, "position_table"):
+        if require(backbone, (TokenSequence, FeaturePyramid), "masked image modelling") is TokenSequence:
             self.backbone_kind, self.patch_size = "vit", tuple(backbone.patch_size)
-        elif hasattr(backbone, "forward_features") and hasattr(backbone, "feature_strides"):
-            self.backbone_kind, self.patch_size = "feature_map", (int(backbone.feature_strides[-1]),) * 3
         else:
-            raise ConfigError(f"masked image modelling needs a voco ViTEncoder or SwinEncoder backbone, got "
-                              f"{type(backbone).__name__}.")
-        can_drop_tokens = bool(getattr(backbone, "can_drop_tokens", False))
+            self.backbone_kind, self.patch_size = "feature_map", (int(backbone.feature_strides[-1]),) * 3
+        can_drop_tokens = self.backbone_kind == "vit" and bool(backbone.can_drop_tokens)
         if variant == "auto":
             variant = "mae" if can_drop_tokens else "simmim"
         if variant == "mae" and not can_drop_tokens:
@@ -353,16 +351,8 @@ class MaskedImagePretext(nn.Module):
         # SimMIM on the Swin encoder: masked voxels replaced in the input, prediction from the stride-32 map.
         voxels = mask_volume(mask, grid, self.patch_size)
         fill = self.mask_value.to(images.dtype) if self.mask_value is not None else images.new_zeros(())
-        features = self.deepest_features(torch.where(voxels, fill, images))
+        features = self.backbone.deepest_features(torch.where(voxels, fill, images))
         return rearrange(self.prediction_head(features), "b p d h w -> b (d h w) p")
-
-    def deepest_features(self, images: torch.Tensor) -> torch.Tensor:
-        """``backbone.forward_features(images)[-1]``; for the SwinEncoder without computing the four shallower
-        maps that are not used (the full-resolution ``encoder1`` alone costs more than the Swin stages)."""
-        backbone = self.backbone
-        if hasattr(backbone, "swinViT") and hasattr(backbone, "encoder10"):
-            return backbone.encoder10(backbone.swinViT(images, backbone.normalize)[4])
-        return backbone.forward_features(images)[-1]
 
     def targets(self, images: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -45,10 +45,10 @@ from monai.networks.utils import eval_mode
 from voco.errors import ConfigError
 from voco.geometry import resample_boxes
 from voco.health import embedding_health
+from voco.networks.interfaces import FeaturePyramid, TokenSequence, require
 from voco.networks.vit import MLP, sincos_position_embedding
 from voco.pretext.views import as_generator, flip_rotate, intensity_jitter, new_figure, regions, save_figure
 
-SUPPORTED_BACKBONES = "the ViT ('vit': embed + encode) or a backbone whose forward_features gives feature maps ('swin')"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,22 +278,18 @@ class QueryBoxPretext(nn.Module):
     @staticmethod
     def token_width(backbone: nn.Module) -> int:
         """Width of the tokens `encode_tokens` gives for this backbone; ConfigError for one it cannot use."""
-        if hasattr(backbone, "embed") and hasattr(backbone, "encode"):
+        if require(backbone, (TokenSequence, FeaturePyramid), "the query-box pretext") is TokenSequence:
             return int(backbone.hidden_size)
-        if hasattr(backbone, "forward_features") and hasattr(backbone, "feature_channels"):
-            return int(backbone.feature_channels[-1])
-        raise ConfigError(f"the query-box pretext cannot take tokens from a {type(backbone).__name__}; use "
-                          f"{SUPPORTED_BACKBONES}.")
+        return int(backbone.feature_channels[-1])
 
     def encode_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Images ``[N, C, X, Y, Z]`` -> tokens ``[N, T, dim]`` and their grid ``(d, h, w)``, T = d h w.
 
-        ViT: the final (normed) patch tokens; otherwise the deepest map of ``forward_features``."""
-        if hasattr(self.backbone, "encode"):
-            tokens, _ = self.backbone.encode(self.backbone.embed(images))  # [N, 1, d, h, w, dim]
+        ViT: the final (normed) patch tokens; otherwise the deepest feature map."""
+        if isinstance(self.backbone, TokenSequence):
+            tokens, _ = self.backbone.forward_tokens(images)  # [N, 1, d, h, w, dim]
             return tokens.flatten(1, 4), tuple(tokens.shape[2:5])
-        features = self.backbone.forward_features(images)
-        deepest = features[-1] if isinstance(features, (list, tuple)) else features  # [N, dim, d, h, w]
+        deepest = self.backbone.deepest_features(images)  # [N, dim, d, h, w]
         return deepest.flatten(2).transpose(1, 2), tuple(deepest.shape[2:])
 
     def position_table(self, grid: Sequence[int], like: torch.Tensor) -> torch.Tensor:
