@@ -453,7 +453,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size of the step (default: the bundle's)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the backbone as the bundles' --compile true does (raise --warmup: the "
+                        help="torch.compile the backbone as the bundles' --compile True does (raise --warmup: the "
                              "first steps compile)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--peak-tflops", type=float, default=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -337,7 +338,10 @@ def test_export_from_a_training_checkpoint_round_trips(tmp_path: Path, ssl_head:
     out_path, count = export_encoder(source, tmp_path / "exported" / "encoder.pt")
 
     assert count == ENCODER_TENSORS and out_path == tmp_path / "exported" / "encoder.pt"
-    assert os.listdir(out_path.parent) == ["encoder.pt"]  # no temporary file left beside it
+    # no temporary file left beside it; its SHA-256 in sha256sum's format
+    assert sorted(os.listdir(out_path.parent)) == ["encoder.pt", "encoder.pt.sha256"]
+    digest = hashlib.sha256(out_path.read_bytes()).hexdigest()
+    assert (out_path.parent / "encoder.pt.sha256").read_text() == f"{digest}  encoder.pt\n"
     exported = torch.load(out_path, map_location="cpu", weights_only=True)
     assert set(exported) == set(ssl_head)
     model = swin_unetr(seed=0)
@@ -345,6 +349,26 @@ def test_export_from_a_training_checkpoint_round_trips(tmp_path: Path, ssl_head:
     assert len(report.loaded) == ENCODER_TENSORS and report.missing_encoder == []
     assert report.source == str(out_path)
     assert_loaded_exactly(model, ssl_head)
+
+
+def test_an_exported_encoder_with_a_flipped_bit_is_refused(tmp_path: Path, ssl_head: dict) -> None:
+    """Issue 16 item 6: torch loads a file with one bit flipped inside a tensor record without a word; the checksum
+    recorded at export stops ``--pretrained`` from fine-tuning on damaged weights."""
+    out_path, _ = export_encoder(ssl_head, tmp_path / "encoder.pt")
+    tensor = ssl_head["swinViT.layers1.0.blocks.0.attn.qkv.weight"]
+    content = bytearray(out_path.read_bytes())
+    start = content.find(tensor.numpy().tobytes())
+    assert start > 0
+    content[start + 100] ^= 0x01
+    out_path.write_bytes(bytes(content))
+    assert not torch.equal(torch.load(out_path, weights_only=True)["swinViT.layers1.0.blocks.0.attn.qkv.weight"],
+                           tensor)  # torch alone reads the damaged value
+    model = swin_unetr(seed=0)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"^Checkpoint .*encoder.pt does not match the SHA-256 recorded when "
+                                              r"it was written \(encoder.pt.sha256\)"):
+        load_encoder_weights(model, out_path)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
 def test_export_at_feature_size_48_has_the_145_official_tensors(tmp_path: Path) -> None:
@@ -378,7 +402,7 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(
     with pytest.raises(OSError, match="No space left"):
         export_encoder(ssl_head, out_path)
     assert out_path.read_bytes() == b"previous export"
-    assert os.listdir(tmp_path) == ["encoder.pt"]
+    assert os.listdir(tmp_path) == ["encoder.pt"]  # neither a temporary file nor a checksum of the failed write
 
 
 # ---------------------------------------------------------------------------------- run folders

@@ -78,6 +78,63 @@ def test_user_errors_are_one_sentence_with_exit_code_2(tmp_path, capsys):
     assert code == 2 and "broken.json" in err and "not valid JSON" in err
 
 
+def test_bad_values_and_places_are_one_sentence_not_a_traceback(tmp_path, capsys):
+    """Issue 16 item 11: each of these ended in a traceback."""
+    from voco.data.phantoms import ensure_phantoms
+
+    manifest = ensure_phantoms(tmp_path / "scans", n=2, seed=0)
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    code, _, err = voco(capsys, "manifest", "build", str(tmp_path / "scans"), "--output", str(folder))
+    assert code == 2 and err == f"voco: error: {folder} is a folder; give the path of the file to write (one " \
+                                "inside it, for example).\n"
+    assert list(folder.iterdir()) == []
+    torch = pytest.importorskip("torch")
+    torch.save({"swinViT.patch_embed.proj.weight": torch.zeros(2, 1, 2, 2, 2)}, tmp_path / "encoder_source.pt")
+    code, _, err = voco(capsys, "export", str(tmp_path / "encoder_source.pt"), "--out", str(folder))
+    assert code == 2 and f"{folder} is a folder" in err and err.count("\n") == 1
+    for option, value, sentence in (
+            ("--region_size", "abc", "region_size ('a', 'b', 'c') must be three positive voxel counts"),
+            ("--region_size", "[64,64]", "region_size (64, 64) must be three positive voxel counts"),
+            ("--batch_size", "0", "batch_size 0 must be a whole number of at least 1."),
+            ("--num_workers", "-1", "num_workers -1 must be a whole number of at least 0.")):
+        code, _, err = voco(capsys, "regions", str(manifest), option, value)
+        assert code == 2 and err.startswith(f"voco: error: {sentence}") and err.count("\n") == 1, err
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    code, _, err = voco(capsys, "manifest", "stats", str(deep))
+    assert code == 2 and err == f"voco: error: manifest {deep} is nested too deeply to be a manifest; fix the " \
+                                "file or rebuild it with `voco manifest build`.\n"
+    written = json.loads(manifest.read_text())
+    written["datasets"][0]["subjects"][0]["studies"][0]["scans"][0]["shape"] = ["a", "b", "c"]
+    (tmp_path / "scans" / "lettered.json").write_text(json.dumps(written))
+    code, _, err = voco(capsys, "manifest", "check", str(tmp_path / "scans" / "lettered.json"))
+    assert code == 2 and "shape is ['a', 'b', 'c'], not a list of three positive numbers; fix or remove it." in err
+
+
+def test_a_mistyped_option_is_refused_before_anything_is_done(tmp_path, capsys, monkeypatch):
+    """Issue 16 item 10: fire would build the manifest into ./manifest.json with the options it knows, then
+    complain about --ouptut; the command is refused first, naming the option meant."""
+    from voco.data.phantoms import ensure_phantoms
+
+    ensure_phantoms(tmp_path / "scans", n=1, seed=0)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(path.name for path in tmp_path.iterdir())
+    code, out, err = voco(capsys, "manifest", "build", str(tmp_path / "scans"), "--ouptut", "x.json")
+    assert code == 2 and out == ""
+    assert err == "voco: error: voco manifest build has no option --ouptut, so nothing was done; did you mean " \
+                  "--output?\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == before  # neither manifest.json nor x.json
+    code, _, err = voco(capsys, "regions", "m.json", "--region-sise=[8,8,8]")
+    assert code == 2 and "voco regions has no option --region_sise, so nothing was done; did you mean " \
+                         "--region_size?" in err
+    # fire's spellings of real options still pass: hyphens, --flag=value, --noflag for a boolean
+    from voco.cli import VocoCommands, check_options
+
+    check_options(VocoCommands(), ["manifest", "build", "d", "--output=x.json", "--novoxels", "--dataset", "a"])
+    check_options(VocoCommands(), ["regions", "m.json", "--region-size", "[8,8,8]", "--", "--help"])
+
+
 def test_the_demo_verdict_reports_both_differences_and_the_benchmark_measurement(tmp_path):
     from voco.cli import demo_verdict
 

@@ -18,26 +18,58 @@ def run_bundle(cwd: Path, *overrides: str, **options) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """One smoke run (4 steps) with MLflow tracking, then the same command resumed to 6 steps."""
+    """One smoke run (4 steps) with MLflow tracking, then the same command extended to 6 steps."""
     cwd = tmp_path_factory.mktemp("mae_bundle")
     tracking_uri, first = smoke_run_with_mlflow("mae_pretrain", cwd)
-    resumed = run_bundle(cwd, "--run_name", "smoke", "--max_steps", "6")
-    return cwd, tracking_uri, first, resumed
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    run_id = client.search_runs([client.get_experiment_by_name("mae_pretrain").experiment_id])[0].info.run_id
+    first_loss = [point.step for point in client.get_metric_history(run_id, "loss")]
+    _, resumed = smoke_run_with_mlflow("mae_pretrain", cwd, "--max_steps", "6")
+    return cwd, tracking_uri, (first, first_loss), resumed
 
 
 def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
-    cwd, tracking_uri, first, _ = smoke_run
-    assert "step 4/4" in first.stdout
+    cwd, tracking_uri, (first, first_loss), _ = smoke_run
+    assert "step 4/4" in first.stdout and first_loss == [2, 4]
     client, run = only_finished_run(tracking_uri, "mae_pretrain")
     for name in ["loss", "loss/reconstruction", "metric/reconstruction_psnr", "metric/mask_ratio", "lr",
                  "throughput/volumes_per_s", "data/skipped_volumes", "val/loss/reconstruction",
                  "val/metric/reconstruction_psnr"]:
         assert name in run.data.metrics, name
-    assert [point.step for point in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
     assert run.data.metrics["metric/mask_ratio"] == 0.75
     assert 0.0 < run.data.metrics["metric/reconstruction_psnr"] < 100.0
     assert_png_artifacts(client, run, cwd, ["views/views.png"])
     assert (cwd / "runs" / "artifacts").is_dir() and not (cwd / "mlruns").exists()
+
+
+def test_extending_a_finished_run_continues_its_mlflow_run_on_a_rebuilt_schedule(smoke_run):
+    """The finished 4-step run, run again with --max_steps 6: the same MLflow run goes on (not a second run of the
+    name) and the learning rate follows the 6-step cosine from step 4 on, not the 4-step one climbing back up."""
+    import torch
+    from monai.optimizers import WarmupCosineSchedule
+
+    cwd, tracking_uri, _, resumed = smoke_run
+    client, run = only_finished_run(tracking_uri, "mae_pretrain")  # one run of the name, FINISHED again
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
+    assert "learning-rate schedule rebuilt" in resumed.stdout + resumed.stderr
+    logged = {point.step: point.value for point in client.get_metric_history(run.info.run_id, "lr")}
+
+    def schedule(max_steps: int, steps: int) -> list[float]:
+        """The learning rate each step trains with, as smoke.json sets it (warm-up 1 step) -> [step 1, ...]."""
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.001)
+        scheduler = WarmupCosineSchedule(optimizer, warmup_steps=1, t_total=max_steps)
+        rates = []
+        for _ in range(steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    assert logged[4] == pytest.approx(schedule(4, 4)[3], rel=1e-6)
+    assert logged[6] == pytest.approx(schedule(6, 6)[5], rel=1e-6)
+    assert logged[6] != pytest.approx(schedule(4, 6)[5], rel=1e-3)  # the old schedule, past its end
 
 
 def test_checkpoints_resume_and_export_into_monai_vit(smoke_run, tmp_path):
@@ -85,11 +117,11 @@ def test_simmim_on_the_swin_encoder_with_torchrun_on_cpu(tmp_path):
 
 
 def test_the_compile_switch_trains_the_same_parameters(tmp_path):
-    """`--compile true` (here with the aot_eager backend: dynamo traces each ViT block, no code generation on a
+    """`--compile True` (here with the aot_eager backend: dynamo traces each ViT block, no code generation on a
     CPU): the run finishes and its checkpoint has the parameter names of an uncompiled run."""
     from voco.checkpoints import read_checkpoint
 
-    result = run_bundle(tmp_path, "--compile", "true", "--compile_backend", "aot_eager", "--run_name", "compiled")
+    result = run_bundle(tmp_path, "--compile", "True", "--compile_backend", "aot_eager", "--run_name", "compiled")
     assert "step 4/4" in result.stdout
     state = read_checkpoint(tmp_path / "runs" / "compiled" / "checkpoints" / "checkpoint_final.pt")
     assert not any("_orig_mod" in key for key in state["pretext"])

@@ -36,7 +36,7 @@ def test_preset_orients_to_ras_at_the_preset_spacing(shared_data, file_name, pre
 def test_reorientation_keeps_anatomy(shared_data):
     """The same LPS volume, resampled to RAS by the preset, matches nibabel's own reorientation voxel by voxel."""
     path = shared_data / "ct_thorax_1p5mm.nii.gz"
-    image = mt.Compose(preset_transforms("ct_abdomen", (8, 8, 8))[:4])({"image": str(path)})["image"]  # load..RAS
+    image = mt.Compose(preset_transforms("ct_abdomen", (8, 8, 8))[:5])({"image": str(path)})["image"]  # size..RAS
     source = nib.load(path)
     ras = nib.as_closest_canonical(source).get_fdata()
     np.testing.assert_array_equal(image[0].numpy(), ras.astype(np.float32))

@@ -334,11 +334,49 @@ def summarize_regions(manifest: str, *, preset: str | None = None, region_size=(
             "skipped volumes": skipped, "ms per volume": f"{1000 * elapsed / max(seen, 1):.0f}"}
 
 
+def check_options(commands: object, argv: list[str]) -> None:
+    """Refuse an option the chosen command does not take, before it runs: fire would run the command with the
+    options it knows and only then complain (``voco manifest build DIR --ouptut x.json`` wrote ./manifest.json).
+
+    Raises:
+        ConfigError: naming the option and, where one is close, the option meant.
+    """
+    import difflib
+    import inspect
+
+    from voco.errors import ConfigError
+
+    target, words = commands, []
+    for argument in argv:  # the command's words lead through the command groups to the function
+        if argument.startswith("-") or not hasattr(target, argument) or argument.startswith("_"):
+            break
+        target, words = getattr(target, argument), words + [argument]
+    if not callable(target) or inspect.isclass(target):
+        return
+    parameters = inspect.signature(target).parameters
+    if any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return
+    names = set(parameters)
+    for argument in argv[len(words):]:
+        if argument == "--":  # fire's own flags (--help, --trace ...) follow it
+            break
+        if not argument.startswith("--") or argument in ("--help", "--helpfull"):
+            continue
+        name = argument[2:].split("=", 1)[0].replace("-", "_")
+        if name in names or (name.startswith("no") and name[2:] in names):  # fire's --noflag for a boolean
+            continue
+        close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+        hint = f"did you mean --{close[0]}?" if close else f"it takes {', '.join(f'--{n}' for n in sorted(names))}."
+        raise ConfigError(f"voco {' '.join(words)} has no option --{name}, so nothing was done; {hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import fire
 
     try:
-        fire.Fire(VocoCommands(), command=argv, name="voco")
+        commands = VocoCommands()
+        check_options(commands, list(sys.argv[1:] if argv is None else argv))
+        fire.Fire(commands, command=argv, name="voco")
     except VocoError as error:
         print(f"voco: error: {error}", file=sys.stderr)
         return 2

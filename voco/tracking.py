@@ -96,6 +96,23 @@ class RunLogger:
         if self.active and self.handler.cur_run.info.status != "RUNNING":
             self.handler.client.update_run(self.run_id, status="RUNNING")
 
+    def continue_finished_run(self) -> None:
+        """Go on in the FINISHED run of this name, for a resumed job that trains further (a higher --max_steps).
+
+        MONAI's handler continues only runs that are not FINISHED, so it opened a new, empty run of the same name;
+        that one is deleted and the finished run reopened, so one training job stays one MLflow run."""
+        if not self.active or not self.handler.run_name:
+            return
+        client, opened = self.handler.client, self.handler.cur_run
+        finished = [run for run in client.search_runs([opened.info.experiment_id], order_by=["start_time DESC"])
+                    if run.info.run_name == self.handler.run_name and run.info.status == "FINISHED"
+                    and run.info.run_id != opened.info.run_id]
+        if not finished:
+            return
+        client.delete_run(opened.info.run_id)
+        self.handler.cur_run = client.get_run(finished[0].info.run_id)
+        client.update_run(finished[0].info.run_id, status="RUNNING")
+
 
 def read_run_metrics(tracking_uri: str, experiment_name: str, run_name: str | None = None) -> list[dict]:
     """Runs of an experiment as dicts {run_id, run_name, status, metrics (latest values), params, tags}."""

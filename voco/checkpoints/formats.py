@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from voco.errors import CheckpointError, optional_import
-from voco.files import atomic_write
+from voco.files import atomic_write, checksum_path, verify_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise CheckpointError(f"Checkpoint {path} {what}; pass the path of a .pt/.pth checkpoint file.")
+    if verify_checksum(path) is False:
+        raise CheckpointError(
+            f"Checkpoint {path} does not match the SHA-256 recorded when it was written ({checksum_path(path).name}): "
+            "it was damaged since; use an earlier checkpoint, or copy it again from a good source."
+        )
     if path.suffix == ".safetensors":
         safetensors_torch = optional_import("safetensors.torch", "Reading .safetensors checkpoints")
         try:
@@ -302,7 +307,7 @@ def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str 
             f"in {label} [{source_format}]; export a checkpoint of a pretraining run."
         )
     out_path = Path(out_path)
-    with atomic_write(out_path) as temporary:
+    with atomic_write(out_path, checksum=True) as temporary:
         torch.save(encoder, temporary)
     logger.info("exported %d encoder tensors from %s [%s] to %s", len(encoder), label, source_format, out_path)
     return out_path, len(encoder)

@@ -129,8 +129,11 @@ def validate_manifest(manifest: Mapping[str, Any], source: str = "manifest") -> 
                     if "attributes" in scan and not isinstance(scan["attributes"], dict):
                         raise ManifestError(f"{scan_where}.attributes must be an object of named facts; fix the manifest.")
                     for key in ("shape", "spacing"):
-                        if key in scan and not (isinstance(scan[key], list) and len(scan[key]) == 3):
-                            raise ManifestError(f"{scan_where}.{key} must be a list of three numbers; fix or remove it.")
+                        if key in scan and not (isinstance(scan[key], list) and len(scan[key]) == 3 and all(
+                                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+                                and math.isfinite(value) for value in scan[key])):
+                            raise ManifestError(f"{scan_where}.{key} is {scan[key]!r}, not a list of three positive "
+                                                f"numbers; fix or remove it.")
 
 
 def validate_findings(findings: Any, where: str) -> None:
@@ -156,6 +159,9 @@ def _read_json(path: Path) -> Any:
     except json.JSONDecodeError as error:
         raise ManifestError(f"manifest {path} is not valid JSON (line {error.lineno}, column {error.colno}: "
                             f"{error.msg}); fix the file or rebuild it with `voco manifest build`.") from error
+    except RecursionError as error:  # json's parser recurses once per nesting level
+        raise ManifestError(f"manifest {path} is nested too deeply to be a manifest; fix the file or rebuild it "
+                            f"with `voco manifest build`.") from error
 
 
 def is_decathlon(data: Any) -> bool:

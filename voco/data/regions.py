@@ -45,10 +45,38 @@ REGION_KEYS = ("image",)
 
 
 def as_region_size(region_size: int | Sequence[int]) -> tuple[int, int, int]:
-    size = (int(region_size),) * 3 if isinstance(region_size, (int, np.integer)) else tuple(int(s) for s in region_size)
-    if len(size) != 3 or min(size) < 1:
+    """(x, y, z) voxels of a region given as one number or three; anything else is a `ConfigError`."""
+    try:
+        size = (int(region_size),) * 3 if isinstance(region_size, (int, np.integer)) else \
+            tuple(int(s) for s in region_size if float(s) == int(s))
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 3 or min(size) < 1 or isinstance(region_size, str):
         raise ConfigError(f"region_size {region_size!r} must be three positive voxel counts, e.g. [192, 192, 64].")
     return size
+
+
+class CheckHeaderd(mt.MapTransform):
+    """Refuse a volume from its header, before it is loaded: not 3-D, empty, a broken spacing or orientation, or too
+    large to read (`voco.data.volumes.header_problems`, the size also once resampled to `target_spacing`) -- a
+    header claiming 1100³ voxels must not allocate gigabytes in every loader worker."""
+
+    def __init__(self, keys: Sequence[str], target_spacing: Sequence[float] | None = None) -> None:
+        super().__init__(keys)
+        self.target_spacing = target_spacing
+
+    def __call__(self, data: Mapping) -> Mapping:
+        from voco.data.volumes import header_problems, read_header
+
+        for key in self.key_iterator(data):
+            if not isinstance(data[key], (str, os.PathLike)):
+                continue  # already an array: nothing left to refuse before allocation
+            series = data.get("series") if key == self.keys[0] else None  # a DICOM series is the image's
+            problems = header_problems(read_header(data[key], series=series),
+                                       target_spacing=self.target_spacing)
+            if problems:
+                raise VolumeError(problems[0])
+        return data
 
 
 class CheckVolumed(mt.MapTransform):
@@ -87,6 +115,7 @@ def preset_transforms(preset: str | Preset, region_size: Sequence[int], keys: Se
     foreground = mt.CropForegroundd(keys=all_keys, source_key=keys[0], select_fn=lambda x: x > threshold,
                                     allow_smaller=True)
     steps: list[mt.Transform] = [
+        CheckHeaderd(keys=all_keys, target_spacing=preset.spacing),
         mt.LoadImaged(keys=all_keys, image_only=False),
         mt.EnsureChannelFirstd(keys=all_keys),
         CheckVolumed(keys=all_keys, check=assert_valid_volume),
@@ -152,7 +181,12 @@ def volume_error(entry: Mapping[str, Any], error: BaseException) -> VolumeError:
     if isinstance(cause, VocoError):
         reason = reason.rstrip(".")
     return VolumeError(f"volume {entry.get('image')} (manifest entry {describe_entry(entry)}) could not be "
-                       f"preprocessed: {reason}; fix or remove it from the manifest, or run with bad_volumes='skip'.")
+                       f"preprocessed: {reason}; fix or remove it from the manifest.")
+
+
+def stopping_error(problem: VolumeError) -> VolumeError:
+    """The bad volume's sentence under ``bad_volumes="stop"``, which also names the other way out."""
+    return VolumeError(f"{str(problem).rstrip('.')}, or run with --bad_volumes skip to train on the rest.")
 
 
 class _FailedVolume:
@@ -228,7 +262,7 @@ class SkipBadVolumes(torch.utils.data.Dataset):
             except Exception as error:  # noqa: BLE001 - reported with the file name, then skipped or raised
                 problem = error if isinstance(error, VolumeError) else volume_error(self.datalist[candidate], error)
                 if self.bad_volumes == "stop":
-                    raise problem from None
+                    raise stopping_error(problem) from None
                 logger.warning("skipping a bad volume: %s", problem)
                 self.known_bad.add(candidate)
                 skipped += 1
@@ -410,6 +444,9 @@ def build_region_loader(source: str | os.PathLike | Mapping | Sequence[Mapping],
 
     Batches are ``{"image": float32 [B, 1, X, Y, Z], "skipped_volumes": int64 [B]}``.
     """
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{name} {value!r} must be a whole number of at least {least}.")
     dataset = build_region_dataset(source, **dataset_options)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,

@@ -39,7 +39,8 @@ from monai.utils import get_seed
 from voco.data.manifest import FINDINGS_KEY
 from voco.data.compact import ExpandIntensityd, UnpackCompactd, compact_transforms
 from voco.data.regions import (SkipBadVolumes, as_region_size, cached_by_preset, check_bad_volume_policy,
-                               check_cache_settings, preset_transforms, resolve_datalist, volume_error)
+                               check_cache_settings, preset_transforms, resolve_datalist, stopping_error,
+                               volume_error)
 from voco.data.reports import shuffle_sentences
 from voco.errors import ConfigError, ManifestError, VolumeError
 
@@ -202,7 +203,7 @@ class StudyDataset(torch.utils.data.Dataset):
             except Exception as error:  # noqa: BLE001 - a user's file: reported with its name, then dropped or raised
                 problem = error if isinstance(error, VolumeError) else volume_error(study["scans"][k], error)
                 if self.bad_volumes == "stop":
-                    raise problem from None
+                    raise stopping_error(problem) from None
                 logger.warning("dropping a bad scan of study %s: %s", study["study_id"], problem)
                 self.known_bad_scans.add(positions[k])
                 dropped += 1

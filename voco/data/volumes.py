@@ -6,8 +6,10 @@ returns its problems as sentences; `assert_valid_volume` runs the same checks on
 
 - is 3-D: ``[X, Y, Z]``, or with one channel / time point (``[X, Y, Z, 1]`` in a file, ``[1, X, Y, Z]`` loaded);
 - is not empty (no zero-size axis);
-- has a positive, finite spacing on every axis;
-- has no NaN or infinite voxel.
+- has a positive, finite spacing on every axis and an orientation matrix that places every axis;
+- has no NaN or infinite voxel;
+- holds no more voxels than `max_voxels` (2^30 unless ``VOCO_MAX_VOXELS`` says otherwise), in the file and after
+  resampling to the preset's spacing: a header that claims 1100³ voxels is refused before anything is allocated.
 
 Headers are read with nibabel (NIfTI: lazy proxies, only the first bytes are read) and with itk
 (NRRD, MetaImage, DICOM: ``ReadImageInformation`` / ``UpdateOutputInformation``). itk is imported only when a
@@ -341,6 +343,43 @@ def load_voxels(header: VolumeHeader) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # Checks shared by files and loaded arrays
 
+DEFAULT_MAX_VOXELS = 2 ** 30  # 1024³: a whole-body CT at 0.5 mm holds about a quarter of it
+
+
+def max_voxels() -> int:
+    """The most voxels a volume may hold, in its file or resampled: ``$VOCO_MAX_VOXELS`` or `DEFAULT_MAX_VOXELS`."""
+    value = os.environ.get("VOCO_MAX_VOXELS", "").strip()
+    if not value:
+        return DEFAULT_MAX_VOXELS
+    try:
+        limit = int(float(value))
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise VolumeError(f"VOCO_MAX_VOXELS={value!r} is not a positive number of voxels; set it to e.g. "
+                          f"{DEFAULT_MAX_VOXELS} or unset it.")
+    return limit
+
+
+def size_problems(source: str, shape: Sequence[int], spacing: Sequence[float] | None = None,
+                  target_spacing: Sequence[float] | None = None) -> list[str]:
+    """A volume too large to read: its header claims more than `max_voxels` voxels, or it would hold more after
+    resampling from `spacing` to `target_spacing` (mm). Checked on the header, before any voxel is allocated."""
+    limit, count = max_voxels(), math.prod(int(size) for size in shape)
+    what = "raise VOCO_MAX_VOXELS if the volume is real, else remove it"
+    if count > limit:
+        return [f"{source} claims {_shape_text(shape)} voxels ({count:.3g}), more than the {limit:.3g} voco reads "
+                f"(VOCO_MAX_VOXELS); {what}."]
+    if spacing is not None and target_spacing is not None and len(spacing) >= 3:
+        resampled = math.prod(math.ceil(int(size) * float(step) / float(target))
+                              for size, step, target in zip(shape[:3], spacing, target_spacing))
+        if resampled > limit:
+            return [f"{source} would hold {resampled:.3g} voxels once resampled from "
+                    f"{', '.join(f'{step:g}' for step in spacing)} mm to "
+                    f"{', '.join(f'{target:g}' for target in target_spacing)} mm, more than the {limit:.3g} voco reads "
+                    f"(VOCO_MAX_VOXELS); check its spacing, or {what}."]
+    return []
+
 
 def _shape_text(shape: Sequence[int]) -> str:
     return " × ".join(str(int(size)) for size in shape) if len(shape) else "()"
@@ -368,7 +407,9 @@ def geometry_problems(source: str, spatial_shape: Sequence[int], channel_shape: 
     if channels > 1:
         problems.append(f"{source} has {channels} channels or time points (shape {full_shape}); voco reads "
                         f"one-channel 3-D volumes, so split it into one file per channel or time point.")
-    if 0 in spatial_shape or 0 in channel_shape:
+    if any(size < 0 for size in spatial_shape + channel_shape):
+        problems.append(f"{source} claims a negative size (shape {full_shape}); fix its header or remove it.")
+    elif 0 in spatial_shape or 0 in channel_shape:
         problems.append(f"{source} is empty (shape {full_shape}); export it again or remove it.")
     if spacing is not None:
         values = [float(size) for size in spacing]
@@ -428,9 +469,16 @@ def assert_valid_volume(array: Any, spacing: Sequence[float] | None, source: str
         raise VolumeError(problems[0])
 
 
-def header_problems(header: VolumeHeader, read_voxels: bool = False) -> list[str]:
-    """The problems of a volume whose header was read; with `read_voxels`, its voxels are read and checked too."""
+def header_problems(header: VolumeHeader, read_voxels: bool = False,
+                    target_spacing: Sequence[float] | None = None) -> list[str]:
+    """The problems of a volume whose header was read; with `read_voxels`, its voxels are read and checked too
+    (never those of a volume too large to read, `size_problems`, also once resampled to `target_spacing`)."""
     problems = geometry_problems(header.path, header.spatial_shape, header.channel_shape, header.spacing)
+    if not problems and "?" in header.orientation:
+        problems.append(f"{header.path} has an orientation matrix (NIfTI sform/qform, or the image direction) that "
+                        f"is not finite or leaves an axis without a direction, so its anatomy cannot be placed; fix "
+                        f"its header or remove it.")
+    problems = problems or size_problems(header.path, header.shape, header.spacing, target_spacing)
     if read_voxels and not problems:
         try:
             voxels = load_voxels(header)

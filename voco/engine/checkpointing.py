@@ -16,11 +16,12 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from voco.distributed import broadcast_object, get_rank
 from voco.checkpoints import find_latest_checkpoint, read_checkpoint
 from voco.errors import CheckpointError, VolumeError
-from voco.files import TEMPORARY_FILE, atomic_write
+from voco.files import TEMPORARY_FILE, atomic_write, remove_with_checksum
 
 # What ignite's atomic write names its temporary file (`tempfile.NamedTemporaryFile` in the checkpoint folder), and
 # what `voco.files.atomic_write` names its own: both are left over by a kill during a write.
@@ -31,8 +32,13 @@ def _synced_save(saver: DiskSaver, checkpoint: Mapping, path: Path, func: Callab
     """What an ignite `DiskSaver` writes, through `voco.files.atomic_write`: a temporary file in the folder, renamed
     when complete, with the file and the folder flushed to disk (ignite's atomic mode does not fsync, so a node crash
     could leave an empty checkpoint under its final name)."""
-    with atomic_write(path) as temporary:
+    with atomic_write(path, checksum=True) as temporary:
         func(checkpoint, temporary, **saver.kwargs)
+
+
+def _remove(saver: DiskSaver, filename: str) -> None:
+    """What an ignite `DiskSaver` removes when it rotates checkpoints, with the checksum recorded beside it."""
+    remove_with_checksum(Path(saver.dirname) / filename)
 
 
 class RunInfo:
@@ -65,6 +71,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:  # MONAI's DiskSaver (atomic=False) keeps its naming, writes through ours
                 checkpoint.save_handler._save_func = functools.partial(_synced_save, checkpoint.save_handler)
+                checkpoint.save_handler.remove = functools.partial(_remove, checkpoint.save_handler)
         self._adopted_earlier = False
 
     def attach(self, engine: Engine) -> None:
@@ -165,10 +172,14 @@ class ResumeLoader(CheckpointLoader):
                          **kwargs)
 
     def __call__(self, engine: Engine) -> None:
+        schedules = {name: schedule_settings(value) for name, value in self.load_dict.items()
+                     if isinstance(value, LambdaLR)}
         try:
             super().__call__(engine)
         except RuntimeError as error:  # load_state_dict: missing, unexpected or differently shaped tensors
             raise CheckpointError(self._mismatch(error)) from error
+        for name, configured in schedules.items():
+            rebuild_schedule(self.load_dict[name], configured, self.logger)
 
     def _mismatch(self, error: RuntimeError) -> str:
         stored = read_checkpoint(self.load_path)
@@ -184,6 +195,33 @@ class ResumeLoader(CheckpointLoader):
         found = "; ".join(differences) if differences else str(error).strip().splitlines()[0]
         return (f"checkpoint {self.load_path} was written by a run with other model settings ({found}): resume it "
                 "with its original settings, or start a new run with another --run_name.")
+
+
+# What a learning-rate scheduler's state holds besides its settings: where it is, not where it goes.
+SCHEDULE_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
+                               "base_lrs", "lr_lambdas", "verbose"})
+
+
+def schedule_settings(scheduler: LambdaLR) -> dict:
+    """The configured settings of a schedule (for `WarmupCosineSchedule`: warmup_steps, t_total, cycles ...)."""
+    return {key: value for key, value in scheduler.state_dict().items() if key not in SCHEDULE_PROGRESS}
+
+
+def rebuild_schedule(scheduler: LambdaLR, configured: Mapping[str, Any], logger: Any) -> None:
+    """After a resume, put back the configured schedule where the checkpoint's differs (a run extended with a higher
+    --max_steps): the learning rate follows the new length from the restored step on, rather than the old cosine,
+    which would climb back up from its end."""
+    stored = schedule_settings(scheduler)
+    changed = {key: (stored.get(key), value) for key, value in configured.items() if stored.get(key) != value}
+    if not changed:
+        return  # the exact resume: nothing to do
+    scheduler.__dict__.update(configured)
+    rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+    logger.info("learning-rate schedule rebuilt for the configured settings at step %d (%s)", scheduler.last_epoch,
+                ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
 
 
 def _differing_tensors(stored: Mapping[str, Any], own: Mapping[str, Any]) -> list[str]:

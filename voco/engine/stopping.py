@@ -58,12 +58,19 @@ class GracefulStop:
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._stop_on_bad_data)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._fail_run)
+        # first of the exception handlers: MONAI's (checkpoint saver, stats) re-raise and would skip the ones after
+        handlers = engine._event_handlers[Events.EXCEPTION_RAISED]
+        handlers.insert(0, handlers.pop())
         engine.add_event_handler(Events.TERMINATE, self._restore_handlers)
         engine.add_event_handler(Events.COMPLETED, self._restore_handlers)
 
     def _started(self, engine: Engine) -> None:
         self._first = None
-        RunLogger(engine).mark_running()  # a resumed run continues the MLflow run that a stop closed
+        run = RunLogger(engine)
+        if engine.state.iteration:  # resumed: one job is one MLflow run, also when it trains past a finished end
+            run.continue_finished_run()
+        run.mark_running()  # a resumed run continues the MLflow run that a stop closed
         if threading.current_thread() is not threading.main_thread():
             logger.warning("training runs outside the main thread: SIGTERM/SIGINT end it without a checkpoint")
             return
@@ -88,6 +95,13 @@ class GracefulStop:
             os.write(2, f"\nreceived {name} while stopping: stopping at once, without a checkpoint.\n".encode())
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+
+    def _fail_run(self, engine: Engine, error: BaseException) -> None:
+        """Any other exception (in a step, a loader worker, validation, a handler) ends the MLflow run FAILED, so no
+        crashed run stays RUNNING; the exception goes on (`_stop_on_bad_data` re-raises it)."""
+        if not isinstance(error, VolumeError) and getattr(engine.state, "stop_reason", None) is None:
+            RunLogger(engine).end("FAILED")
+            self._restore_handlers(engine)
 
     def _stop_on_bad_data(self, engine: Engine, error: BaseException) -> None:
         """A bad volume under the strict policy: the same clean stop (checkpoint of the last step, run FAILED, a
