@@ -312,6 +312,18 @@ def test_a_truncated_file_is_refused(tmp_path: Path, ssl_head: dict, zip_format:
         read_checkpoint(truncated)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_bytes_are_called_damaged_not_pickled_objects(tmp_path: Path, seed: int) -> None:
+    """Issue 16 item 13: random bytes fail torch's weights-only unpickler too ("Unsupported operand"); that is a
+    damaged file, not one holding Python objects."""
+    import random
+
+    path = tmp_path / "random.pt"
+    path.write_bytes(random.Random(seed).randbytes(4096))
+    with pytest.raises(CheckpointError, match=r"random\.pt is truncated or not a PyTorch checkpoint"):
+        read_checkpoint(path)
+
+
 def test_missing_file_folder_and_non_dict_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "absent.pt")

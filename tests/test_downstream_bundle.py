@@ -64,6 +64,18 @@ def test_evaluate_and_predict_with_the_best_checkpoint(finetuned):
     metrics_file = cwd / "runs" / "benchmark" / "cell" / "evaluation" / "metrics.csv"
     assert "metric/dice" in metrics_file.read_text()
     run_bundle(cwd, "inference.json", "--pretrained", str(cwd / "tiny_encoder.pt"), "--run_name", "cell")
+    # without the training's settings the run folder is another one: one sentence, before any volume is cached
+    import subprocess
+
+    from conftest import bundle_command
+
+    lost = subprocess.run(bundle_command("downstream_benchmark", ["train.json", "evaluate.json"], "--task",
+                                         "phantom-seg"), cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert lost.returncode == 1
+    last = lost.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: there is no trained model ") and "model.pt (" in last
+    assert "holds the trained runs cell); evaluate and inference find the run from the settings" in last
+    assert "Traceback" not in lost.stderr
     predictions = sorted((cwd / "runs" / "benchmark" / "cell" / "predictions").glob("*_seg.nii.gz"))
     datalist = json.loads((cwd / "runs" / "phantom_tasks" / "phantom-seg" / "phantom_seg.json").read_text())
     assert len(predictions) == len(datalist["validation"]) == 2

@@ -6,6 +6,7 @@ import gzip
 import json
 import locale
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -409,3 +410,32 @@ def test_manifest_stats_counts_and_ranges(mixed_tree, tmp_path):
     stripped = tmp_path / "stripped.json"
     stripped.write_text(json.dumps(manifest), encoding="utf-8")
     assert manifest_stats(stripped).split("\n", 1)[1] == text.split("\n", 1)[1]
+
+
+def test_the_data_file_of_a_metaimage_header_is_no_false_alarm(tmp_path):
+    """Issue 16 item 13: ``case.raw`` beside ``case.mhd`` is the volume's voxel data, not an unsupported file."""
+    root = tmp_path / "mhd"
+    write_itk(root / "case.mhd", ramp(), spacing=(1.0, 1.0, 2.0))
+    assert sorted(path.name for path in root.iterdir()) == ["case.mhd", "case.raw"]
+    (root / "stray.raw").write_bytes(b"\0" * 16)  # data without its header is still reported
+    path, problems = build_manifest_from_folder(root, output=tmp_path / "m.json")
+    assert [Path(entry["image"]).name for entry in to_datalist(load_manifest(path))] == ["case.mhd"]
+    assert len(problems) == 1 and "stray.raw has the unsupported extension '.raw'" in problems[0]
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "doubled"])
+def test_a_dicom_series_with_a_missing_corrupt_or_doubled_slice_is_reported(tmp_path, damage):
+    """Issue 16 item 8: itk places the slices from the first and last position, so a gap became an averaged spacing
+    (23 slices at 2.09 mm for 24 at 2 mm) and the series was accepted."""
+    files = write_dicom_series(tmp_path / "scans" / "PAT1", ramp((SIDE, SIDE, 8)), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                               patient="PAT1", study="1.2.3", series="1.2.3.9", description="axial")
+    if damage == "missing":
+        files[3].unlink()
+    elif damage == "corrupt":
+        files[3].write_bytes(files[3].read_bytes()[:200])  # cut short inside its header
+    else:
+        shutil.copy(files[3], files[3].with_name("slice003_copy.dcm"))
+    records, problems = scan_folder(tmp_path / "scans")
+    assert records == [] and len(problems) == 1, problems
+    assert problems[0].startswith("the DICOM series 1.2.3.9") and "has unevenly spaced slices (" in problems[0]
+    assert "a slice is missing, corrupt or doubled; export the series again or remove it." in problems[0]

@@ -244,3 +244,18 @@ def test_bad_catalogue(edit, message, tmp_path):
     path.write_text(json.dumps(catalogue), encoding="utf-8")
     with pytest.raises(ManifestError, match=message):
         load_catalogue(path)
+
+
+def test_a_scan_listed_twice_is_warned_about(caplog):
+    """Issue 16 item 13: a copied scan entry was accepted silently (it counts twice, and may leak across splits)."""
+    manifest = _valid()
+    scans = manifest["datasets"][0]["subjects"][0]["studies"][0]["scans"]
+    with caplog.at_level("WARNING", logger="voco.data.manifest"):
+        to_datalist(manifest)
+        assert caplog.records == []
+        scans.append(dict(scans[0]))
+        datalist = to_datalist(manifest)
+    assert len(datalist) == len({entry["image"] for entry in datalist}) + 1  # still listed: a warning, not an error
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"1 scans are listed more than once in the manifest (e.g. "
+                                          f"{datalist[0]['image']}, 2 times): each copy is used as a scan of its own")

@@ -79,6 +79,24 @@ def require_finetune_type(task: Task, task_types: Sequence[str] = FINETUNE_TYPES
     return task
 
 
+def require_trained_model(model_path: str | Path) -> Path:
+    """The `model.pt` that evaluate.json and inference.json read, checked before any volume is cached: the run
+    folder is found from the settings, so a command without the training's overrides looks in another folder.
+
+    Raises:
+        ConfigError: naming the file and what to give, with the trained runs that are there.
+    """
+    path = Path(model_path)
+    if path.is_file():
+        return path
+    runs = path.parent.parent.parent  # runs/benchmark/<run name>/checkpoints/model.pt
+    trained = sorted(model.parent.parent.name for model in runs.glob("*/checkpoints/model.pt"))[:3]
+    there = f" ({runs} holds the trained runs {', '.join(trained)})" if trained else ""
+    raise ConfigError(f"there is no trained model {path}{there}; evaluate and inference find the run from the "
+                      f"settings, so give the overrides and extra configs of the training command (or its "
+                      f"--run_name).")
+
+
 def warmup_steps(total_steps: int) -> int:
     """The fine-tuning warm-up: a twentieth of the steps, at least one."""
     return max(1, int(total_steps) // 20)

@@ -29,7 +29,6 @@ import logging
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,17 +95,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         try:
             content = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            if "weights only load failed" not in str(error).lower():
-                raise _corrupt_checkpoint_error(path, error) from error
             unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+            if "weights only load failed" not in str(error).lower() or (
+                    unsafe is None and "unsupported global" not in str(error).lower()):
+                # random bytes also fail the weights-only unpickler ("Unsupported operand"): damage, not objects
+                raise _corrupt_checkpoint_error(path, error) from error
             found = f" (it contains {unsafe.group(1)})" if unsafe else ""
             raise CheckpointError(
                 f"Checkpoint {path} holds pickled Python objects that voco refuses to load{found}; "
                 "in a trusted environment re-save only the weights with "
                 "torch.save(model.state_dict(), path) and load that file instead."
             ) from error
-        except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
-            # torch reports truncation and garbage as any of these, depending on where the bytes end.
+        except Exception as error:  # noqa: BLE001
+            # torch reports truncation and garbage as any error type (EOFError, RuntimeError, KeyError, IndexError,
+            # zipfile.BadZipFile ...), depending on where the bytes end.
             raise _corrupt_checkpoint_error(path, error) from error
     if not isinstance(content, Mapping):
         raise CheckpointError(

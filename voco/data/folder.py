@@ -131,6 +131,8 @@ def _walk(root: Path, problems: list[str]) -> tuple[list[Path], list[Path]]:
         visited.add(real)
         folders[:] = sorted(name for name in folders if not name.startswith(".") and name != "__pycache__")
         holds_dicom = False
+        # voxel data files (case.raw, case.zraw, case.raw.gz) of a MetaImage or detached NRRD header beside them
+        header_stems = {name.rsplit(".", 1)[0] for name in names if name.lower().endswith((".mhd", ".nhdr"))}
         for name in sorted(names):
             if name.startswith("."):
                 continue
@@ -142,6 +144,8 @@ def _walk(root: Path, problems: list[str]) -> tuple[list[Path], list[Path]]:
                 files.append(path)
             elif not path.suffix or path.suffix.lower() in SIDECAR_SUFFIXES:
                 continue  # README, LICENSE, dataset.json, reports: not volumes, not problems
+            elif name.removesuffix(".gz").rsplit(".", 1)[0] in header_stems:
+                continue  # read through its header
             elif not path.exists():
                 problems.append(f"{path} does not exist (a broken link); fix or remove the link.")
             else:

@@ -30,14 +30,18 @@ unknown. Language-image pretraining uses them for zero-shot evaluation (`voco.da
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from voco.errors import ManifestError
 from voco.files import write_json_atomically
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "voco-manifest"
 MANIFEST_VERSION = 1
@@ -301,7 +305,19 @@ def to_datalist(manifest: Mapping[str, Any], dataset_dir: str | os.PathLike | No
     if wanted is not None and not datalist:
         raise ManifestError(f"none of the datasets {sorted(wanted)} is in the manifest; "
                             f"it has {[d['name'] for d in manifest['datasets']]}.")
+    _warn_of_copies(datalist)
     return datalist
+
+
+def _warn_of_copies(datalist: Sequence[Mapping[str, Any]]) -> None:
+    """Say when one scan (file and DICOM series) is listed more than once: each copy would be trained on as a scan
+    of its own, and a copy across the training and validation split leaks."""
+    counts = Counter((entry["image"], entry.get("series")) for entry in datalist)
+    repeated = [(image, count) for (image, _), count in counts.items() if count > 1]
+    if repeated:
+        image, count = repeated[0]
+        logger.warning("%d scans are listed more than once in the manifest (e.g. %s, %d times): each copy is used as "
+                       "a scan of its own; remove the copies unless that is meant.", len(repeated), image, count)
 
 
 def split_datalist(datalist: Sequence[Mapping[str, Any]], validation_fraction: float = 0.1,

@@ -282,6 +282,7 @@ def read_dicom_header(path: str | os.PathLike, series: str | None = None,
         if len(header.shape) == 2:  # a single slice reads as [X, Y]; as a volume it is [X, Y, 1]
             header.shape = (*header.shape, 1)
     else:
+        _check_slice_positions(itk, folder, series, files)
         # The series reader reads the first and last slice headers to place the slices; no voxels.
         reader = itk.ImageSeriesReader[itk.Image[itk.F, 3]].New(FileNames=[str(file) for file in files],
                                                                ImageIO=itk.GDCMImageIO.New())
@@ -297,6 +298,36 @@ def read_dicom_header(path: str | os.PathLike, series: str | None = None,
     header.series = series
     header.files = tuple(str(file) for file in files)
     return header
+
+
+def _check_slice_positions(itk: Any, folder: Path, series: str | None, files: Sequence[str]) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal: a missing, corrupt (left out of the
+    series) or duplicated slice. Why: itk's series reader places the slices from the first and last position alone,
+    so a gap becomes an averaged spacing and the anatomy is silently stretched."""
+    positions = []
+    for file in files:
+        image_io = itk.GDCMImageIO.New()
+        image_io.SetFileName(str(file))
+        try:
+            image_io.ReadImageInformation()
+        except Exception as error:  # a damaged slice header
+            raise VolumeError(f"slice {file} of the DICOM series in {folder} cannot be read ({one_line(error)}); "
+                              f"export the series again or remove it.") from error
+        positions.append([image_io.GetOrigin(axis) for axis in range(3)])
+    positions = np.asarray(positions, dtype=float)
+    across = positions[-1] - positions[0]  # along the slice normal (or a gantry tilt's axis), as itk places them
+    if len(files) < 3 or not np.all(np.isfinite(positions)) or not np.linalg.norm(across) > 0:
+        return
+    distances = np.diff(positions @ (across / np.linalg.norm(across)))
+    step = float(np.median(np.abs(distances)))
+    irregular = np.flatnonzero(np.abs(np.abs(distances) - step) > 0.05 * step + 1e-3)
+    if step > 0 and irregular.size == 0:
+        return
+    at = int(irregular[0]) if irregular.size else 0
+    named = f"DICOM series {series} in {folder}" if series else f"DICOM series in {folder}"
+    raise VolumeError(f"the {named} has unevenly spaced slices ({abs(distances[at]):g} mm between slices {at + 1} "
+                      f"and {at + 2} of {len(files)}, {step:g} mm elsewhere): a slice is missing, corrupt or "
+                      f"doubled; export the series again or remove it.")
 
 
 def read_header(path: str | os.PathLike, series: str | None = None) -> VolumeHeader:
