@@ -11,7 +11,7 @@ import torch
 from voco.errors import ConfigError
 from voco.engine import decay_groups
 from voco.networks import build_backbone
-from voco.pretext.mae import (MaskedImagePretext, block_mask, mask_volume, masked_count,
+from voco.pretext.mae import (MaskedImagePretext, block_lattice, block_mask, mask_volume, masked_count,
                               normalize_patches, patchify, random_mask, reconstruction_psnr,
                               save_views_picture, unpatchify)
 
@@ -64,7 +64,8 @@ def test_block_masks_are_unions_of_cubes(block_size):
     taken, masked in part to reach the exact count); each cube is a box of at most block_size patches per axis."""
     grid = (6, 6, 4)
     side = (block_size,) * 3 if isinstance(block_size, int) else block_size
-    mask, cubes = block_mask(8, grid, 0.6, block_size, torch.Generator().manual_seed(0), return_blocks=True)
+    mask = block_mask(8, grid, 0.6, block_size, torch.Generator().manual_seed(0))
+    cubes, _ = block_lattice(8, grid, block_size, torch.Generator().manual_seed(0))  # the lattice that mask drew
     coordinates = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij"), -1).reshape(-1, 3)
     for sample in range(8):
         partial = 0

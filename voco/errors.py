@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import re
 from types import ModuleType
+from typing import Iterable
 
 
 class VocoError(Exception):
@@ -85,3 +86,10 @@ def install_error_hook() -> None:
 
     hook._voco_hook = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def require_choice(setting: str, value: object, choices: Iterable[object]) -> None:
+    """Stop with ``unknown <setting> <value>; use one of ...`` unless `value` is one of `choices`."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"unknown {setting} {value!r}; use one of {', '.join(map(str, choices))}.")

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from voco.errors import ConfigError
+from voco.errors import ConfigError, require_choice
 
 CROP_SAMPLING_MODES = ("reference", "uniform")
 
@@ -234,8 +234,7 @@ def sample_random_boxes(layout: CropLayout, num_crops: int, batch_size: int = 1,
     Draws come from ``generator`` (a CPU generator; None = torch's global one) so that crops are
     reproducible; the few integers drawn are then moved to ``device``.
     """
-    if mode not in CROP_SAMPLING_MODES:
-        raise ConfigError(f"unknown crop_sampling {mode!r}; use one of {', '.join(CROP_SAMPLING_MODES)}.")
+    require_choice("crop_sampling", mode, CROP_SAMPLING_MODES)
     starts = []
     for extent, size, cells in zip(layout.region_size, layout.crop_size, layout.grid):
         if mode == "reference" and cells == 1:

@@ -23,7 +23,7 @@ This module is only the registry (cheap to import); `voco.data.regions.preset_tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from voco.errors import ConfigError
+from voco.errors import require_choice
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,5 @@ PRESETS: dict[str, Preset] = {
 def get_preset(name: str | Preset) -> Preset:
     if isinstance(name, Preset):
         return name
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}.")
+    require_choice("preset", name, PRESETS)
     return PRESETS[name]

@@ -54,7 +54,7 @@ from torch import nn
 from monai.networks.utils import eval_mode
 
 from voco.distributed import get_rank, world_size
-from voco.errors import ConfigError
+from voco.errors import ConfigError, require_choice
 from voco.geometry import resample_boxes, sample_boxes
 from voco.health import embedding_health
 from voco.networks.interfaces import TokenSequence
@@ -329,8 +329,7 @@ class ContrastivePretext(nn.Module):
                  teacher_momentum: float | None = None, momentum_schedule: str = "fixed",
                  total_steps: int | None = None, generator: torch.Generator | int | None = None) -> None:
         super().__init__()
-        if loss_form not in LOSS_FORMS:
-            raise ConfigError(f"unknown loss_form {loss_form!r}; use one of {', '.join(LOSS_FORMS)}.")
+        require_choice("loss_form", loss_form, LOSS_FORMS)
         if num_views not in (2, 3):
             raise ConfigError(f"num_views is {num_views}; use 2 (global + augmented) or 3 (+ token-masked).")
         if temperature <= 0:

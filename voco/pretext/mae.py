@@ -53,7 +53,7 @@ from einops import rearrange
 from torch import nn
 from monai.networks.utils import eval_mode
 
-from voco.errors import ConfigError
+from voco.errors import ConfigError, require_choice
 from voco.networks.interfaces import FeaturePyramid, TokenSequence, require
 from voco.networks.vit import Block, as_triple, sincos_position_embedding
 from voco.pretext.views import as_generator, new_figure, regions, save_figure
@@ -131,33 +131,34 @@ def random_mask(batch_size: int, grid: Sequence[int], mask_ratio: float, generat
     return _lowest(noise, count)
 
 
-def block_mask(batch_size: int, grid: Sequence[int], mask_ratio: float, block_size: int | Sequence[int] = 2,
-               generator: torch.Generator | None = None, device: torch.device | str | None = None,
-               return_blocks: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Exactly `masked_count` patches of every region masked in cubes of ``block_size`` patches per axis.
-
-    Each region's grid is tiled by cubes of ``block_size`` on a lattice shifted by a random offset (so cubes
-    start anywhere; those at the border are clipped), and cubes are masked whole in a random order until the
-    count is reached: the last cube is masked in part (its first patches in raster order), so that every
-    region has the same count. Everything after the draw of the offsets and the cube order (CPU
-    ``generator``) runs on ``device``.
-
-    Returns ``[B, d h w]`` bools, and with ``return_blocks`` also each patch's cube index ``[B, d h w]``.
-    """
+def block_lattice(batch_size: int, grid: Sequence[int], block_size: int | Sequence[int] = 2,
+                  generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
+    """Each patch's cube on a lattice of cubes of ``block_size`` patches per axis, shifted by a random offset per
+    region (so cubes start anywhere; those at the border are clipped) -> (cube index ``[B, d h w]``, cube count)."""
     block = as_triple(block_size, "mask_block_size")
-    num_patches = math.prod(grid)
-    count = masked_count(num_patches, mask_ratio)
-    offsets = torch.stack([torch.randint(0, b, (batch_size,), generator=generator) for b in block], dim=1)
+    offsets = torch.stack([torch.randint(0, b, (batch_size,), generator=generator) for b in block], dim=1).to(device)
     blocks_per_axis = [(n + b - 2) // b + 1 for n, b in zip(grid, block)]  # cubes a shifted lattice needs
-    cube_order = torch.rand(batch_size, math.prod(blocks_per_axis), generator=generator).to(device)
-    offsets = offsets.to(device)
     index = [(torch.arange(n, device=device)[None] + offsets[:, axis, None]) // block[axis]  # [B, n]
              for axis, n in enumerate(grid)]
     cubes = (index[0][:, :, None, None] * blocks_per_axis[1] + index[1][:, None, :, None]) * blocks_per_axis[2] \
         + index[2][:, None, None, :]
-    cubes = cubes.reshape(batch_size, num_patches)
-    mask = _lowest(cube_order.gather(1, cubes), count)  # a cube's patches share its score: masked together
-    return (mask, cubes) if return_blocks else mask
+    return cubes.reshape(batch_size, math.prod(grid)), math.prod(blocks_per_axis)
+
+
+def block_mask(batch_size: int, grid: Sequence[int], mask_ratio: float, block_size: int | Sequence[int] = 2,
+               generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Exactly `masked_count` patches of every region masked in cubes of ``block_size`` patches per axis.
+
+    Each region's grid is tiled by the cubes of `block_lattice`, and cubes are masked whole in a random order
+    until the count is reached: the last cube is masked in part (its first patches in raster order), so that every
+    region has the same count. Everything after the draw of the offsets and the cube order (CPU ``generator``)
+    runs on ``device``. Returns ``[B, d h w]`` bools.
+    """
+    cubes, cube_count = block_lattice(batch_size, grid, block_size, generator, device)
+    cube_order = torch.rand(batch_size, cube_count, generator=generator).to(device)
+    count = masked_count(math.prod(grid), mask_ratio)
+    return _lowest(cube_order.gather(1, cubes), count)  # a cube's patches share its score: masked together
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,12 +222,9 @@ class MaskedImagePretext(nn.Module):
                  decoder_mlp_ratio: float = 4.0, mask_value: str = "zero", unmasked_weight: float = 0.0,
                  psnr_data_range: float = 1.0, generator: torch.Generator | int | None = None) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ConfigError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}.")
-        if mask_type not in MASK_TYPES:
-            raise ConfigError(f"unknown mask_type {mask_type!r}; use one of {', '.join(MASK_TYPES)}.")
-        if mask_value not in MASK_VALUES:
-            raise ConfigError(f"unknown mask_value {mask_value!r}; use one of {', '.join(MASK_VALUES)}.")
+        require_choice("variant", variant, VARIANTS)
+        require_choice("mask_type", mask_type, MASK_TYPES)
+        require_choice("mask_value", mask_value, MASK_VALUES)
         masked_count(2, mask_ratio)  # checks the ratio
         if unmasked_weight < 0:
             raise ConfigError(f"unmasked_weight is {unmasked_weight}; use 0 (masked voxels only) or more.")

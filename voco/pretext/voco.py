@@ -42,7 +42,7 @@ from torch import nn
 from monai.networks.utils import eval_mode
 
 from voco.distributed import world_size
-from voco.errors import ConfigError
+from voco.errors import ConfigError, require_choice
 from voco.geometry import (CROP_SAMPLING_MODES, CropLayout, crop_boxes, get_layout, position_labels,
                            sample_random_boxes)
 from voco.health import embedding_health
@@ -284,12 +284,9 @@ class VoCoPretext(nn.Module):
                  regularization_weight: float = 1.0, generator: torch.Generator | int | None = None,
                  inter_volume: str = "batch") -> None:
         super().__init__()
-        if crop_sampling not in CROP_SAMPLING_MODES:
-            raise ConfigError(f"unknown crop_sampling {crop_sampling!r}; use one of {', '.join(CROP_SAMPLING_MODES)}.")
-        if loss_form not in LOSS_FORMS:
-            raise ConfigError(f"unknown loss_form {loss_form!r}; use one of {', '.join(LOSS_FORMS)}.")
-        if inter_volume not in INTER_VOLUME_MODES:
-            raise ConfigError(f"unknown inter_volume {inter_volume!r}; use one of {', '.join(INTER_VOLUME_MODES)}.")
+        require_choice("crop_sampling", crop_sampling, CROP_SAMPLING_MODES)
+        require_choice("loss_form", loss_form, LOSS_FORMS)
+        require_choice("inter_volume", inter_volume, INTER_VOLUME_MODES)
         if random_crops_per_volume < 1:
             raise ConfigError(f"random_crops_per_volume is {random_crops_per_volume}; use 1 or more (reference: 2).")
         self.backbone = backbone
