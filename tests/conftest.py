@@ -53,6 +53,28 @@ def write_sample_stand_ins(folder: Path) -> Path:
     return folder
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def tracking_store(folder: Path) -> str:
+    """The URI of an embedded MLflow store at ``folder/runs/mlflow.db`` as a run would create it, copied from one
+    made once per session: creating MLflow's tables takes 1.6 s, which each bundle test would otherwise pay again."""
+    import shutil
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        import mlflow
+
+        template = Path(tempfile.mkdtemp(prefix="voco_store_")) / "mlflow.db"
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()  # creates the tables
+        _STORE_TEMPLATE.append(template)
+    store = Path(folder) / "runs" / "mlflow.db"
+    if not store.exists():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_STORE_TEMPLATE[0], store)
+    return f"sqlite:///{store}"
+
+
 @pytest.fixture(scope="session")
 def real_shared_data() -> Path:
     directory = shared_data_dir()
@@ -84,7 +106,7 @@ def run_bundle_command(bundle: str, config_files: list[str], cwd: Path, *overrid
 
 def smoke_run_with_mlflow(bundle: str, cwd: Path, *overrides: str):
     """The bundle's train + smoke configs, tracked into ``cwd/runs/mlflow.db`` as run "smoke" -> (tracking_uri, result)."""
-    tracking_uri = f"sqlite:///{cwd}/runs/mlflow.db"
+    tracking_uri = tracking_store(cwd)
     result = run_bundle_command(bundle, ["train.json", "smoke.json"], cwd, "--tracking", "mlflow",
                                 "--tracking_uri", tracking_uri, "--run_name", "smoke", *overrides)
     return tracking_uri, result
@@ -95,7 +117,7 @@ def torchrun_smoke_run(bundle: str, cwd: Path, run_name: str, *overrides: str):
     (gloo), tracked into ``cwd/runs/mlflow.db`` as `run_name` -> (tracking_uri, result)."""
     import sys
 
-    tracking_uri = f"sqlite:///{cwd}/runs/mlflow.db"
+    tracking_uri = tracking_store(cwd)
     (cwd / "tmp").mkdir(exist_ok=True)  # torchrun's and the ranks' temporary files stay in the test's folder
     environment = dict(os.environ, TMPDIR=str(cwd / "tmp"), OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).parent / "torchrun"
@@ -201,3 +223,22 @@ def on_gloo_ranks(worker, *args, world_size: int = 2) -> dict:
         process.join(timeout=60)
     assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
     return by_rank
+
+
+def same_tensors(first: dict, second: dict) -> bool:
+    """Two state dicts hold the same names and bitwise equal tensors."""
+    import torch
+
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+def run_until_step_line(process, first_step: int, action) -> tuple[int, str]:
+    """Read the run's output; at the first progress line of a step >= `first_step`, call `action(process)`; then
+    wait for the end -> (exit code, output)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step ") and action is not None and int(line.split()[1].split("/")[0]) >= first_step:
+            action(process)
+            action = None
+    return process.wait(timeout=600), "".join(lines)

@@ -9,6 +9,7 @@ import statistics
 from types import SimpleNamespace
 
 import pytest
+from conftest import tracking_store
 
 from voco.benchmark.registry import get_task
 from voco.benchmark.report import collect_results, format_markdown, summarize, write_report
@@ -22,7 +23,7 @@ def tracking_uri(tmp_path, monkeypatch):
     """A fresh embedded store; $MLFLOW_TRACKING_URI would take priority over it, so it is removed."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "runs").mkdir()
-    return f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    return tracking_store(tmp_path)
 
 
 def record_run(tracking_uri: str, cell: Cell, best: float | None, status: str = "FINISHED") -> str:
@@ -296,7 +297,7 @@ def test_grid_runs_the_smoke_bundle_and_report_shows_it(tmp_path, monkeypatch, c
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    tracking_uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    tracking_uri = tracking_store(tmp_path)
     cells = plan_grid(["phantom-seg"], ["scratch"], seeds=(0,), size="tiny")
     settings = dict(dataset_dirs=None, tracking_uri=tracking_uri, config_files=("train.json", "smoke.json"),
                     overrides={"max_epochs": 1})

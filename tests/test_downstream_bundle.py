@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_bundle_command
+from conftest import run_bundle_command, tracking_store
 
 
 
@@ -27,7 +27,7 @@ def finetuned(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("downstream")
     encoder = build_backbone("swin", "tiny", window_size=2)  # the smoke network: feature size 12, window 2
     torch.save(encoder.state_dict(), cwd / "tiny_encoder.pt")
-    tracking_uri = f"sqlite:///{cwd}/runs/mlflow.db"
+    tracking_uri = tracking_store(cwd)
     trained = run_bundle(cwd, None, "--pretrained", str(cwd / "tiny_encoder.pt"), "--max_epochs", "1",
                          "--tracking", "mlflow", "--tracking_uri", tracking_uri, "--run_name", "cell")
     return cwd, tracking_uri, trained
@@ -91,7 +91,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 
     import mlflow
 
-    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    tracking_uri = tracking_store(tmp_path)
     (tmp_path / "tmp").mkdir()
     torchrun = Path(sys.executable).parent / "torchrun"
     run_bundle_command("downstream_benchmark", ["train.json", "smoke.json", "multi_gpu_train.json"], tmp_path,
@@ -108,7 +108,7 @@ def test_classification_task_through_the_bundle(tmp_path):
     """phantom-cls (lesion or not): the encoder-classifier, BCE, AUC as the key metric and accuracy."""
     import mlflow
 
-    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    tracking_uri = tracking_store(tmp_path)
     run_bundle(tmp_path, None, "--task", "phantom-cls", "--max_epochs", "1", "--tracking", "mlflow",
                "--tracking_uri", tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)

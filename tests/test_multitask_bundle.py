@@ -5,7 +5,8 @@ with the ViT backbone and the same attention layout."""
 from __future__ import annotations
 
 import pytest
-from conftest import assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow
+from conftest import (assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow,
+                      tracking_store)
 
 TASKS = ("mae", "contrastive", "query_box")
 
@@ -49,7 +50,7 @@ def test_the_encoder_is_fine_tuned_by_the_downstream_bundle(smoke_run, tmp_path)
     checkpoint = cwd / "runs" / "smoke" / "checkpoints" / "checkpoint_final.pt"
     encoder, count = export_encoder(checkpoint, tmp_path / "vit_encoder.pt")
     assert count == 5 + 12 * 12  # patch conv (2), position table, final norm (2), 12 tensors per block
-    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    tracking_uri = tracking_store(tmp_path)
     result = run_bundle_command("downstream_benchmark", ["train.json", "smoke.json"], tmp_path,
                                 "--pretrained", str(encoder), "--backbone", "vit", "--vit_layout", "window",
                                 "--vit_window_size", "2", "--max_epochs", "1", "--tracking", "mlflow",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tracking_store
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "downstream_benchmark"
@@ -93,7 +94,7 @@ def test_phantom_registration_through_the_bundle(tmp_path):
     import mlflow
 
     files = ",".join(f"'{BUNDLE}/configs/{name}'" for name in ("train.json", "smoke.json", "registration.json"))
-    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    tracking_uri = tracking_store(tmp_path)
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{files}]",
                "--bundle_root", str(BUNDLE), "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
                "--task", "phantom-reg", "--max_epochs", "1", "--tracking", "mlflow",

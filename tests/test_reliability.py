@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bundle_command, write_bad_volumes
+from conftest import bundle_command, run_until_step_line, same_tensors, tracking_store, write_bad_volumes
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.handlers import CheckpointLoader, LrScheduleHandler
@@ -158,10 +158,6 @@ def test_resume_passes_over_files_no_checkpoint_saver_wrote(uninterrupted, datal
     assert latest_checkpoint(folder) == own_newest
     assert (f"resume passes over encoder_export_50000.pt in {folder}: no trainer state in it"
             in capsys.readouterr().out)
-
-
-def same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
-    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
 
 
 @pytest.fixture(scope="module")
@@ -453,20 +449,8 @@ BUNDLE_STEPS = 8
 def start_smoke_run(cwd: Path, run_name: str) -> subprocess.Popen:
     command = bundle_command(*SMOKE, "--max_steps", str(BUNDLE_STEPS), "--checkpoint_interval", "1",
                              "--log_interval", "1", "--tracking", "mlflow", "--tracking_uri",
-                             f"sqlite:///{cwd}/runs/mlflow.db", "--run_name", run_name)
+                             tracking_store(cwd), "--run_name", run_name)
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def run_until_step_line(process: subprocess.Popen, first_step: int, action) -> tuple[int, str]:
-    """Read the run's output; at the first progress line of a step >= `first_step`, call `action(process)`; then
-    wait for the end -> (exit code, output)."""
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("step ") and action is not None and int(line.split()[1].split("/")[0]) >= first_step:
-            action(process)
-            action = None
-    return process.wait(timeout=600), "".join(lines)
 
 
 def mlflow_run(cwd: Path, run_name: str):
@@ -558,7 +542,7 @@ def mixed_manifest(folder: Path, extra_missing: int = 0) -> tuple[Path, list[str
 
 
 def run_smoke_bundle(cwd: Path, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
-    command = bundle_command(*SMOKE, "--tracking", "mlflow", "--tracking_uri", f"sqlite:///{cwd}/runs/mlflow.db",
+    command = bundle_command(*SMOKE, "--tracking", "mlflow", "--tracking_uri", tracking_store(cwd),
                              "--run_name", run_name, *overrides)
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
 
@@ -597,36 +581,6 @@ def test_a_mostly_bad_manifest_fails_before_training_with_one_sentence(tmp_path)
     assert "Traceback" not in result.stderr and "step 1/" not in result.stdout
 
 
-def test_a_torchrun_job_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(tmp_path):
-    """Two ranks (gloo): SIGTERM to torchrun (which forwards it to its workers) at a step -> every rank stops after
-    the same step, rank 0 writes the checkpoint; the same command then finishes with the weights of a job that was
-    never stopped."""
-    import sys
-
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
-    (tmp_path / "tmp").mkdir()
-    environment = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
-
-    def start(run_name: str) -> subprocess.Popen:
-        command = bundle_command("voco_pretrain", ["train.json", "smoke.json", "multi_gpu_train.json"],
-                                 "--max_steps", str(BUNDLE_STEPS), "--checkpoint_interval", "1", "--log_interval", "1",
-                                 "--run_name", run_name)
-        return subprocess.Popen(torchrun + command[1:], cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-
-    code, out = run_until_step_line(start("reference"), 0, None)
-    assert code == 0, out[-3000:]
-    code, out = run_until_step_line(start("chain"), 2, lambda process: process.send_signal(signal.SIGTERM))
-    stopped_line = next(line for line in out.splitlines() if line.startswith("stopped after step"))
-    step = int(stopped_line.split()[3])
-    assert code != 0 and step < BUNDLE_STEPS, out[-3000:]
-    code, out = run_until_step_line(start("chain"), 0, None)
-    assert code == 0 and f"step {BUNDLE_STEPS}/{BUNDLE_STEPS}" in out, out[-3000:]
-    reference = read_checkpoint(tmp_path / "runs" / "reference" / "checkpoints" / "checkpoint_final.pt")
-    resumed = read_checkpoint(tmp_path / "runs" / "chain" / "checkpoints" / "checkpoint_final.pt")
-    assert same_tensors(resumed["pretext"], reference["pretext"]), f"stopped after step {step}"
-
-
 def test_a_mistyped_override_stops_the_bundle_before_anything_is_written(tmp_path):
     """Issue 16 item 10: MONAI's parser would add ``max_step`` as a new, unused entry and train with the default.
     The run stops before it writes anything of its own; only the executed-config record that MONAI's ``--tracking``
@@ -662,7 +616,7 @@ def test_a_crash_in_validation_ends_the_mlflow_run_failed(tmp_path, monkeypatch)
     monkeypatch.setattr(PretextValidation, "__call__", disk_full)
     monkeypatch.chdir(tmp_path)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    tracking_uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    tracking_uri = tracking_store(tmp_path)
     with pytest.raises(RuntimeError) as raised:  # MONAI's config expression wraps what the run raised
         run_bundle("voco_pretrain", ["train.json", "smoke.json"], tracking="mlflow", tracking_uri=tracking_uri,
                    run_name="crash", max_steps=4, val_interval=2, probe=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tracking_store
 
 from voco.benchmark.registry import get_task
 from voco.cli import main
@@ -285,7 +286,7 @@ def test_benchmark_run_scores_retrieval_zero_shot_and_vocab_finetuning(ct_rate, 
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    uri = tracking_store(tmp_path)
     command = ["benchmark", "run", "ct-rate-retrieval,ct-rate-vocab-cls", "--pretrained", str(clip_checkpoint),
                "--dataset_dir", str(ct_rate["root"]), "--max_epochs", "3", "--learning_rate", "0.001",
                "--tracking_uri", uri]

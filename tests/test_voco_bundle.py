@@ -11,7 +11,6 @@ from conftest import (assert_png_artifacts, only_finished_run, run_bundle_comman
                       torchrun_smoke_run)
 
 
-
 def run_bundle(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     return run_bundle_command("voco_pretrain", ["train.json", "smoke.json"], cwd, *overrides)
 
@@ -70,12 +69,25 @@ def test_checkpoints_resume_and_export(smoke_run, tmp_path):
     assert all(torch.equal(exported[key], trained[f"backbone.{key}"]) for key in exported)
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    """`torchrun --nproc_per_node 2` with the multi-GPU overrides on CPU (gloo): one MLflow run, one checkpoint set."""
+TORCHRUN_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    """`torchrun --nproc_per_node 2` with the multi-GPU overrides on CPU (gloo), 8 steps with a checkpoint after each:
+    the run the next two tests look at, and the uninterrupted reference of the stopped one."""
+    cwd = tmp_path_factory.mktemp("torchrun")
+    tracking_uri, result = torchrun_smoke_run("voco_pretrain", cwd, "two-ranks", "--max_steps", str(TORCHRUN_STEPS),
+                                              "--checkpoint_interval", "1", "--log_interval", "1")
+    return cwd, tracking_uri, result
+
+
+def test_torchrun_two_processes_on_cpu(torchrun_run):
+    """One MLflow run, one checkpoint set, progress from rank 0 only."""
     import mlflow
 
-    tracking_uri, result = torchrun_smoke_run("voco_pretrain", tmp_path, "two-ranks")
-    assert result.stdout.count("step 4/4") == 1  # progress from rank 0 only
+    cwd, tracking_uri, result = torchrun_run
+    assert result.stdout.count(f"step {TORCHRUN_STEPS}/{TORCHRUN_STEPS}") == 1  # progress from rank 0 only
     log = result.stdout + result.stderr  # each rank reads only its part of the 3 training phantoms (one repeated)
     assert all(f"rank {rank} of 2 trains on its shard: 2 of the 3 volumes" in log for rank in (0, 1))
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -83,5 +95,39 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert [run.info.run_name for run in runs] == ["two-ranks"] and runs[0].info.status == "FINISHED"
     assert "loss" in runs[0].data.metrics
-    checkpoints = sorted(path.name for path in (tmp_path / "runs" / "two-ranks" / "checkpoints").glob("*.pt"))
+    checkpoints = sorted(path.name for path in (cwd / "runs" / "two-ranks" / "checkpoints").glob("*.pt"))
     assert "checkpoint_final.pt" in checkpoints
+
+
+def test_a_torchrun_job_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(torchrun_run):
+    """Two ranks (gloo): SIGTERM to torchrun (which forwards it to its workers) at a step -> every rank stops after
+    the same step, rank 0 writes the checkpoint; the same command then finishes with the weights of the job above,
+    which was never stopped."""
+    import os
+    import signal
+    import sys
+
+    from conftest import bundle_command, run_until_step_line, same_tensors
+
+    from voco.checkpoints import read_checkpoint
+
+    cwd, _, _ = torchrun_run
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
+    environment = dict(os.environ, TMPDIR=str(cwd / "tmp"), OMP_NUM_THREADS="1")
+
+    def start(run_name: str) -> subprocess.Popen:
+        command = bundle_command("voco_pretrain", ["train.json", "smoke.json", "multi_gpu_train.json"],
+                                 "--max_steps", str(TORCHRUN_STEPS), "--checkpoint_interval", "1", "--log_interval",
+                                 "1", "--run_name", run_name)
+        return subprocess.Popen(torchrun + command[1:], cwd=cwd, env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    code, out = run_until_step_line(start("chain"), 2, lambda process: process.send_signal(signal.SIGTERM))
+    stopped_line = next(line for line in out.splitlines() if line.startswith("stopped after step"))
+    step = int(stopped_line.split()[3])
+    assert code != 0 and step < TORCHRUN_STEPS, out[-3000:]
+    code, out = run_until_step_line(start("chain"), 0, None)
+    assert code == 0 and f"step {TORCHRUN_STEPS}/{TORCHRUN_STEPS}" in out, out[-3000:]
+    reference = read_checkpoint(cwd / "runs" / "two-ranks" / "checkpoints" / "checkpoint_final.pt")
+    resumed = read_checkpoint(cwd / "runs" / "chain" / "checkpoints" / "checkpoint_final.pt")
+    assert same_tensors(resumed["pretext"], reference["pretext"]), f"stopped after step {step}"
