@@ -53,6 +53,22 @@ def write_sample_stand_ins(folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _drop_log_handlers_of_closed_streams():
+    """A bundle run in the test process (`voco.bundles.run_bundle`) configures logging from its logging.conf with
+    handlers on the sys.stdout/stderr of that test, which pytest closes afterwards; a later test's log records
+    would print "--- Logging error ---" into what it checks."""
+    import logging
+
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                logger.removeHandler(handler)
+    yield
+
+
 _STORE_TEMPLATE: list[Path] = []
 
 
