@@ -149,3 +149,24 @@ def test_the_demo_verdict_reports_both_differences_and_the_benchmark_measurement
     verdict = demo_verdict(rows, measured)
     assert "over 3 seeds: VoCo - scratch +4.0 probe Dice points (per seed +5.0 / +4.0 / +3.0)" in verdict
     assert str(tmp_path / "benchmark.md") in verdict
+
+
+def test_benchmark_check_takes_another_datalist(tmp_path, capsys):
+    """Issue 17 item 2: the check's hint pointed at a datalist option that was silently ignored."""
+    from voco.benchmark.phantom_tasks import prepare_phantom_task
+    from voco.benchmark.registry import get_task
+
+    folder = tmp_path / "phantom-seg"
+    prepare_phantom_task("phantom-seg", folder, n=3, n_validation=1)
+    own = folder / get_task("phantom-seg").datalist_file
+    own.rename(folder / "my_split.json")
+    with pytest.raises(SystemExit) as exit_info:
+        voco(capsys, "benchmark", "check", "phantom-seg", str(folder), "--voxels", "False")
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 1 and "does not exist" in out and "give another with --datalist FILE." in out
+    code, out, _ = voco(capsys, "benchmark", "check", "phantom-seg", str(folder), "--datalist", "my_split.json")
+    assert code == 0, out
+    code, _, err = voco(capsys, "benchmark", "run", "phantom-seg,phantom-cls", "--config", "smoke", "--datalist",
+                        "my_split.json")
+    assert code == 2 and "--datalist my_split.json names the datalist of one task; run the tasks phantom-seg, " \
+                         "phantom-cls one at a time." in err

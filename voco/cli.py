@@ -117,14 +117,16 @@ class BenchmarkCommands:
 
         print(format_task_table(task_rows(task_type=task_type, modality=modality)))
 
-    def check(self, task: str, dataset_dir: str, voxels: bool = True) -> None:
+    def check(self, task: str, dataset_dir: str, voxels: bool = True, datalist: str | None = None) -> None:
         """Verify that DATASET_DIR holds a complete, readable copy of TASK (its datalist, images, labels; for the
-        CT-RATE tasks the volumes and the report / label tables); exit 1 if not."""
+        CT-RATE tasks the volumes and the report / label tables); exit 1 if not.
+
+        --datalist FILE: a Decathlon-style JSON other than the task's own (relative to DATASET_DIR)."""
         from voco.benchmark.checks import check_task_dataset
         from voco.benchmark.registry import get_task
         from voco.data.manifest_checks import format_problem_table
 
-        rows = check_task_dataset(get_task(task), dataset_dir, read_voxels=voxels)
+        rows = check_task_dataset(get_task(task), dataset_dir, read_voxels=voxels, datalist=datalist)
         print(format_problem_table(rows))
         if rows:
             raise SystemExit(1)
@@ -133,7 +135,8 @@ class BenchmarkCommands:
             training_cases: int | None = None, max_epochs: int | None = None, size: str | None = None,
             backbone: str = "swin", modes=None, val_interval: int | None = None,
             tracking_uri: str | None = None, vit_layout: str | None = None,
-            vit_window_size: int | None = None, learning_rate: float | None = None) -> None:
+            vit_window_size: int | None = None, learning_rate: float | None = None,
+            datalist: str | None = None) -> None:
         """Fine-tune every task from every encoder with every seed; finished cells are skipped (resumable).
 
         --tasks btcv,msd-task09-spleen --pretrained a.pt,b.pt,scratch --seeds 0,1,2
@@ -143,6 +146,7 @@ class BenchmarkCommands:
         --size B (default; tiny with --config smoke) --training_cases N (few-label setting) --max_epochs N.
         --backbone vit --vit_layout window --vit_window_size 3: a ViT encoder, with its pretraining's attention layout.
         --learning_rate: another learning rate than the configuration's.
+        --datalist FILE: a Decathlon-style JSON other than the task's own (relative to its dataset folder; one task).
         ct-rate-retrieval, ct-rate-vocab-cls: --pretrained a CLIP checkpoint of bundles/clip_pretrain, --dataset_dir
         the CT-RATE copy; modes zero_shot (retrieval, zero-shot classification) and finetune (vocabulary
         fine-tuning), both by default for ct-rate-vocab-cls; backbone and size come from the checkpoint.
@@ -156,13 +160,16 @@ class BenchmarkCommands:
             raise VocoError("the benchmark needs --dataset_dir: the folder of the task's dataset, or task=folder pairs "
                             "such as btcv=/data/BTCV,msd-task09-spleen=/data/Task09_Spleen (`voco benchmark check` "
                             "verifies one).")
+        if datalist is not None and len(parse_list(tasks)) != 1:
+            raise VocoError(f"--datalist {datalist} names the datalist of one task; run the tasks "
+                            f"{', '.join(map(str, parse_list(tasks)))} one at a time.")
         size = size if size is not None else ("tiny" if "smoke.json" in config_files else "B")
         cells = plan_grid(parse_list(tasks), parse_list(pretrained), seeds=parse_list(seeds),
                           modes=parse_list(modes) or None, backbone=backbone, size=size,
                           training_cases=training_cases)
         overrides = {key: value for key, value in (("max_epochs", max_epochs), ("val_interval", val_interval),
                                                    ("vit_layout", vit_layout), ("vit_window_size", vit_window_size),
-                                                   ("learning_rate", learning_rate))
+                                                   ("learning_rate", learning_rate), ("datalist", datalist))
                      if value is not None}
         print(f"benchmark grid: {len(cells)} run{'' if len(cells) == 1 else 's'}")
         rows = run_grid(cells, dataset_dirs=parse_dataset_dirs(dataset_dir), tracking_uri=tracking_uri,

@@ -193,7 +193,7 @@ def check_task_dataset(task: Task, dataset_dir: str | os.PathLike, *, read_voxel
     if name is None:
         rows.append({"entry": "datalist", "path": str(root),
                      "problem": f"{task.id} names no datalist file (see its notes in the task registry); give a "
-                                f"Decathlon-style JSON with datalist=... ."})
+                                f"Decathlon-style JSON with --datalist FILE."})
         return rows
     path = Path(name).expanduser()
     path = path if path.is_absolute() else root / path
@@ -201,7 +201,7 @@ def check_task_dataset(task: Task, dataset_dir: str | os.PathLike, *, read_voxel
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         problem = (f"{path} does not exist; put the {task.id} datalist ({Path(name).name}) in {root} or give "
-                   f"another with datalist=... .")
+                   f"another with --datalist FILE.")
         data = None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         problem, data = f"{path} cannot be read as JSON ({one_line(error)}); fix or replace the datalist.", None
