@@ -4,7 +4,9 @@ reading the finished runs back, summarising over seeds beside the published numb
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import statistics
 from types import SimpleNamespace
 
@@ -26,9 +28,11 @@ def tracking_uri(tmp_path, monkeypatch):
     return tracking_store(tmp_path)
 
 
-def record_run(tracking_uri: str, cell: Cell, best: float | None, status: str = "FINISHED") -> str:
+def record_run(tracking_uri: str, cell: Cell, best: float | None, status: str = "FINISHED",
+               run_name: str | None = None, grid_settings: str | None = None) -> str:
     """What one fine-tuning run of the bundle leaves in MLflow: a run named after the cell in benchmark-<task>, the
-    cell's voco.* tags and best/metric/dice (no best/ metric where `best` is None); returns the run id."""
+    cell's voco.* tags (with the grid settings the grid gave, where given) and best/metric/dice (no best/ metric
+    where `best` is None); returns the run id."""
     import mlflow
 
     from voco.benchmark.cells import encoder_name
@@ -36,7 +40,7 @@ def record_run(tracking_uri: str, cell: Cell, best: float | None, status: str = 
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiment_id = prepare_experiment(tracking_uri, f"benchmark-{cell.task}")
-    run = client.create_run(experiment_id, run_name=cell.run_name)
+    run = client.create_run(experiment_id, run_name=run_name or cell.run_name)
     run_id = run.info.run_id
     client.log_metric(run_id, "metric/dice", 0.5, step=1)
     if best is not None:
@@ -44,6 +48,8 @@ def record_run(tracking_uri: str, cell: Cell, best: float | None, status: str = 
     tags = {"task": cell.task, "pretrained": cell.pretrained, "encoder": encoder_name(cell.pretrained),
             "mode": cell.mode, "backbone": cell.backbone, "size": cell.size, "seed": cell.seed,
             "training_cases": cell.training_cases, "max_epochs": 2, "key_metric": "metric/dice"}
+    if grid_settings:
+        tags["grid_settings"] = grid_settings
     for key, value in tags.items():
         client.set_tag(run_id, f"voco.{key}", str(value))
     if status != "RUNNING":
@@ -59,14 +65,15 @@ class RecordingRunner:
         self.calls: list[tuple[str, dict]] = []
 
     def __call__(self, cell: Cell, settings: dict) -> None:
-        self.calls.append((cell.run_name, settings))
+        self.calls.append((settings.get("run_name", cell.run_name), settings))
         if cell.run_name in self.fail:
             record_run(self.tracking_uri, cell, None, status="RUNNING")  # what a crash leaves behind
             try:
                 raise ConfigError(f"the dataset of {cell.task} is missing; give --dataset_dir.")
             except ConfigError as error:
                 raise RuntimeError("Failed to instantiate the trainer\nlong MONAI trace") from error
-        record_run(self.tracking_uri, cell, self.best + 0.01 * cell.seed)
+        record_run(self.tracking_uri, cell, self.best + 0.01 * cell.seed, run_name=settings.get("run_name"),
+                   grid_settings=settings.get("grid_settings"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -144,16 +151,46 @@ def test_run_grid_runs_each_cell_once_and_resumes(tracking_uri, tmp_path, capsys
     assert "grid: 7 done, 1 skipped" in out
     name, settings = runner.calls[0]
     assert name == cells[0].run_name
+    recorded = json.loads(settings.pop("grid_settings"))  # what decides whether a finished run is this cell
     assert settings == {"task": "btcv", "pretrained": str(checkpoint.resolve()), "mode": "finetune",
                         "backbone": "swin", "size": "B", "seed": 0, "training_cases": None,
                         "tracking_uri": tracking_uri, "max_epochs": 3, "dataset_dir": str(tmp_path / "BTCV")}
+    assert recorded == {"configs": ["train.json"], "max_epochs": 3,
+                        "encoder_sha256": hashlib.sha256(b"weights").hexdigest()}
     assert runner.calls[-1][1]["dataset_dir"] == str(tmp_path / "phantoms")
     assert finished_cells(tracking_uri) == {cell.run_name for cell in cells}
 
-    again = run_grid(cells, dataset_dirs=None, tracking_uri=tracking_uri, runner=runner)  # nothing left to run
+    again = run_grid(cells, dataset_dirs=None, tracking_uri=tracking_uri, overrides={"max_epochs": 3},
+                     runner=runner)  # nothing left to run
     assert [row["status"] for row in again] == ["skipped"] * 8
     assert len(runner.calls) == 7
     assert capsys.readouterr().out.count(": finished") == 8
+
+
+def test_a_finished_cell_counts_only_with_the_same_settings(tracking_uri, tmp_path, capsys):
+    """Issue 17 item 3: ``--max_epochs 100`` after a 20-epoch run did nothing; another encoder file under the same
+    name too. The cell runs again, under its name with a suffix, and the grid says why."""
+    checkpoint = tmp_path / "encoder.pt"
+    checkpoint.write_bytes(b"weights")
+    cells = plan_grid(["phantom-seg"], [str(checkpoint)], seeds=(0,))
+    runner = RecordingRunner(tracking_uri)
+    assert [row["status"] for row in run_grid(cells, dataset_dirs=None, tracking_uri=tracking_uri,
+                                              overrides={"max_epochs": 20}, runner=runner)] == ["done"]
+    capsys.readouterr()
+    rows = run_grid(cells, dataset_dirs=None, tracking_uri=tracking_uri, overrides={"max_epochs": 100}, runner=runner)
+    out = capsys.readouterr().out
+    name, settings = runner.calls[-1]
+    assert [row["status"] for row in rows] == ["done"] and len(runner.calls) == 2
+    assert name.startswith(cells[0].run_name + "-") and settings["run_name"] == name
+    assert f"[1/1] {cells[0].run_name} finished with other settings (max_epochs 20 there, 100 here): running it " \
+           f"as {name}" in out
+    # the same again: finished; another encoder file: runs, naming the difference
+    assert [row["status"] for row in run_grid(cells, dataset_dirs=None, tracking_uri=tracking_uri,
+                                              overrides={"max_epochs": 100}, runner=runner)] == ["skipped"]
+    checkpoint.write_bytes(b"other weights")
+    capsys.readouterr()
+    run_grid(cells, dataset_dirs=None, tracking_uri=tracking_uri, overrides={"max_epochs": 100}, runner=runner)
+    assert len(runner.calls) == 3 and "encoder_sha256 " in capsys.readouterr().out
 
 
 def test_a_failing_cell_is_reported_and_the_grid_goes_on(tracking_uri, capsys):

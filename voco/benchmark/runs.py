@@ -13,6 +13,8 @@ published numbers.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -100,6 +102,55 @@ def _whole(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} is {value!r}; give a whole number.")
     return value
+
+
+def grid_settings(cell: Cell, settings: Mapping[str, Any], config_files: Sequence[str]) -> dict:
+    """What changes a cell's result beyond what its run name says: the configs, the settings given to every cell,
+    and the content of the encoder file and of the task's datalist (their SHA-256), as plain data."""
+    from voco.benchmark.registry import get_task
+    from voco.files import sha256_of
+
+    recorded = {"configs": list(config_files)}
+    recorded.update({key: value for key, value in settings.items()
+                     if key not in set(cell.settings()) | {"tracking_uri", "dataset_dir", "run_name"}})
+    if not _is_scratch(cell.pretrained) and Path(settings["pretrained"]).is_file():
+        recorded["encoder_sha256"] = _digest(settings["pretrained"], sha256_of)
+    datalist = settings.get("datalist") or get_task(cell.task).datalist_file
+    if settings.get("dataset_dir") and datalist and (Path(settings["dataset_dir"]) / datalist).is_file():
+        recorded["datalist_sha256"] = _digest(str(Path(settings["dataset_dir"]) / datalist), sha256_of)
+    return json.loads(json.dumps(recorded, sort_keys=True, default=str))  # as the MLflow tag gives it back
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(path: str, sha256_of: Callable[[str], str]) -> str:
+    """The SHA-256 of a file, read once per (path, size, modification time) in this process."""
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_of(path)
+    return _DIGESTS[key]
+
+
+def settings_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """``max_epochs 20 there, 100 here; ...``: the grid settings in which a finished run differs from this one."""
+    return "; ".join(f"{key} {recorded.get(key, 'unset')} there, {current.get(key, 'unset')} here"
+                     for key in sorted(set(recorded) | set(current)) if recorded.get(key) != current.get(key))
+
+
+def finished_settings(tracking_uri: str | None = None) -> dict[str, list[dict | None]]:
+    """Run name -> the grid settings (`grid_settings`, as the bundle recorded them in the tag
+    ``voco.grid_settings``) of each FINISHED run of that name; None for a run recorded without them."""
+    finished: dict[str, list[dict | None]] = {}
+    for run in finished_runs(tracking_uri):
+        recorded = run.data.tags.get("voco.grid_settings")
+        try:
+            settings = json.loads(recorded) if recorded else None
+        except ValueError:
+            settings = None
+        finished.setdefault(run.info.run_name, []).append(settings)
+    return finished
 
 
 def finished_cells(tracking_uri: str | None = None) -> set[str]:
@@ -260,28 +311,44 @@ def run_grid(cells: Sequence[Cell], *, dataset_dirs: Mapping[str, Any] | str | o
 
     tracking_uri = tracking_uri or default_tracking_uri()
     runner = runner or bundle_runner(config_files)
-    finished = finished_cells(tracking_uri)
+    finished = finished_settings(tracking_uri)
     to_run = [cell for cell in cells if cell.run_name not in finished]
-    folders = {cell.task: _dataset_dir_of(dataset_dirs, cell.task) for cell in to_run}
-    for cell in to_run:  # a typo in a path should not cost the cells before it
-        if not _is_scratch(cell.pretrained) and not Path(cell.pretrained).expanduser().is_file():
+    folders = {cell.task: _dataset_dir_of(dataset_dirs, cell.task) for cell in cells}
+    for cell in cells:  # a typo in a path should not cost the cells before it
+        if not _is_scratch(cell.pretrained) and not Path(cell.pretrained).expanduser().is_file() and (
+                cell in to_run or folders[cell.task] is not None):
             raise ConfigError(f"the checkpoint {cell.pretrained} does not exist; give the path of an exported "
                               f"encoder (voco export) or an official VoCo checkpoint.")
     rows, total = [], len(cells)
     for index, cell in enumerate(cells, start=1):
         name, prefix = cell.run_name, f"[{index}/{total}]"
-        if name in finished:
-            print(f"{prefix} skip {name}: finished", flush=True)
-            rows.append({"cell": cell, "status": "skipped", "error": None})
-            continue
-        print(f"{prefix} {name}", flush=True)
         settings = {**cell.settings(), "tracking_uri": tracking_uri, **dict(overrides or {})}
         if _is_scratch(cell.pretrained):
             settings["pretrained"] = "scratch"
-        else:
+        elif Path(cell.pretrained).expanduser().is_file():
             settings["pretrained"] = str(Path(cell.pretrained).expanduser().resolve())
         if folders[cell.task] is not None:
             settings["dataset_dir"] = folders[cell.task]
+        current = grid_settings(cell, settings, config_files)
+        # A finished run is this cell only where it ran with the same settings (or recorded none: an older run;
+        # or its encoder file is gone, so nothing can be compared or rerun).
+        recorded = finished.get(name, [])
+        gone = not _is_scratch(cell.pretrained) and "encoder_sha256" not in current
+        if recorded and (gone or any(settings_of is None or settings_of == current for settings_of in recorded)):
+            print(f"{prefix} skip {name}: finished", flush=True)
+            rows.append({"cell": cell, "status": "skipped", "error": None})
+            continue
+        if recorded:  # the same cell with other settings: a run of its own, beside the finished one
+            suffix = hashlib.sha1(json.dumps(current, sort_keys=True, default=str).encode()).hexdigest()[:6]
+            print(f"{prefix} {name} finished with other settings ({settings_differences(recorded[-1], current)}): "
+                  f"running it as {name}-{suffix}", flush=True)
+            name = settings["run_name"] = f"{name}-{suffix}"
+            if any(settings_of == current for settings_of in finished.get(name, [])):
+                print(f"{prefix} skip {name}: finished", flush=True)
+                rows.append({"cell": cell, "status": "skipped", "error": None})
+                continue
+        print(f"{prefix} {name}", flush=True)
+        settings["grid_settings"] = json.dumps(current, sort_keys=True, default=str)
         start = time.perf_counter()
         try:
             runner(cell, settings)
@@ -291,7 +358,7 @@ def run_grid(cells: Sequence[Cell], *, dataset_dirs: Mapping[str, Any] | str | o
             _mark_failed(tracking_uri, cell)
             rows.append({"cell": cell, "status": "failed", "error": message})
             continue
-        finished = finished_cells(tracking_uri) | finished
+        finished = finished_settings(tracking_uri)
         if name not in finished:  # the store is what makes the grid resumable: a run it does not hold is not done
             message = (f"the run returned but {tracking_uri} holds no FINISHED run named {name} with a best/ "
                        f"metric; check the tracking settings")
