@@ -457,3 +457,41 @@ def test_find_latest_checkpoint_falls_back_to_modification_time(tmp_path: Path) 
         torch.save({"w": torch.zeros(1)}, tmp_path / name)
         os.utime(tmp_path / name, (1_000_000 - age, 1_000_000 - age))
     assert find_latest_checkpoint(tmp_path) == tmp_path / "newest.pt"
+
+
+@pytest.mark.parametrize("rule", ["mean", "repeat", "first"])
+def test_a_one_channel_encoder_serves_a_four_channel_task(rule: str) -> None:
+    """The input layers' one-channel kernels are spread over four channels by the chosen rule, named in the report;
+    with "mean", four identical channels give exactly the one-channel encoder's features."""
+    from voco.networks import build_backbone
+
+    torch.manual_seed(0)
+    one = build_backbone("swin", "tiny", window_size=2).eval()
+    four = build_backbone("swin", "tiny", in_channels=4, window_size=2).eval()
+    report = load_encoder_weights(four, one.state_dict(), channel_adaptation=rule)
+    adapted = {name for name, before, after, used in report.adapted_channels if (before, after, used) == (1, 4, rule)}
+    assert adapted == {"swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
+                       "encoder1.layer.conv3.conv.weight"}
+    assert report.loaded_fraction == 1.0 and not report.skipped_shape
+    assert f"input channels 1 -> 4 by {rule!r}" in report.summary()
+    kernel, spread = one.swinViT.patch_embed.proj.weight, four.swinViT.patch_embed.proj.weight
+    expected = {"mean": kernel.repeat(1, 4, 1, 1, 1) / 4, "repeat": kernel.repeat(1, 4, 1, 1, 1),
+                "first": torch.cat([kernel, torch.zeros_like(kernel).repeat(1, 3, 1, 1, 1)], dim=1)}[rule]
+    assert torch.equal(spread, expected)
+    if rule == "mean":
+        x = torch.randn(1, 1, 32, 32, 64)  # instance norm needs more than one voxel at stride 32
+        with torch.no_grad():
+            for single, spread_out in zip(one.forward_features(x), four.forward_features(x.repeat(1, 4, 1, 1, 1))):
+                torch.testing.assert_close(spread_out, single, rtol=1e-3, atol=1e-3)  # float sums in another order
+
+
+def test_channel_adaptation_none_keeps_the_layer_random_and_an_unknown_rule_is_refused() -> None:
+    from voco.networks import build_backbone
+
+    one, four = build_backbone("swin", "tiny", window_size=2), build_backbone("swin", "tiny", in_channels=4,
+                                                                             window_size=2)
+    report = load_encoder_weights(four, one.state_dict(), channel_adaptation="none")
+    assert not report.adapted_channels and len(report.skipped_shape) == 3
+    assert "1 input channels and the model 4" in report.table()
+    with pytest.raises(ConfigError, match="unknown channel adaptation rule 'average'"):
+        load_encoder_weights(four, one.state_dict(), channel_adaptation="average")

@@ -56,33 +56,56 @@ def test_finetune_from_a_pretrained_encoder_logs_the_task_metrics(finetuned):
     assert artifacts == ["validation/validation_case.png"]
 
 
-def test_evaluate_and_predict_with_the_best_checkpoint(finetuned):
-    import nibabel as nib
-
-    cwd, _, _ = finetuned
-    run_bundle(cwd, "evaluate.json", "--pretrained", str(cwd / "tiny_encoder.pt"), "--run_name", "cell")
-    metrics_file = cwd / "runs" / "benchmark" / "cell" / "evaluation" / "metrics.csv"
-    assert "metric/dice" in metrics_file.read_text()
-    run_bundle(cwd, "inference.json", "--pretrained", str(cwd / "tiny_encoder.pt"), "--run_name", "cell")
-    # without the training's settings the run folder is another one: one sentence, before any volume is cached
+def test_evaluate_and_predict_from_the_run_alone(finetuned, tmp_path, monkeypatch):
+    """The run folder's settings.json rebuilds the network, preprocessing and data: evaluate with MONAI's
+    --args_file from another folder, predict with `voco benchmark infer RUN`; a setting that shapes the network
+    given differently, or no run at all, is one sentence before any volume is cached."""
     import subprocess
 
-    from conftest import bundle_command
+    import nibabel as nib
 
-    lost = subprocess.run(bundle_command("downstream_benchmark", ["train.json", "evaluate.json"], "--task",
-                                         "phantom-seg"), cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert lost.returncode == 1
-    last = lost.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: there is no trained model ") and "model.pt (" in last
-    assert "holds the trained runs cell); evaluate and inference find the run from the settings" in last
-    assert "Traceback" not in lost.stderr
-    predictions = sorted((cwd / "runs" / "benchmark" / "cell" / "predictions").glob("*_seg.nii.gz"))
+    from conftest import bundle_command
+    from voco.bundles import run_bundle as run_in_process
+    from voco.cli import main
+    from voco.errors import ConfigError
+
+    cwd, _, _ = finetuned
+    folder = cwd / "runs" / "benchmark" / "cell"
+    recorded = json.loads((folder / "settings.json").read_text())
+    assert (recorded["task"], recorded["size"], recorded["window_size"], recorded["run_name"]) == (
+        "phantom-seg", "tiny", 2, "cell")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    evaluated = subprocess.run(bundle_command("downstream_benchmark", ["train.json", "evaluate.json"], "--args_file",
+                                              str(folder / "settings.json")),
+                               cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "metric/dice" in (folder / "evaluation" / "metrics.csv").read_text()
+
+    monkeypatch.chdir(elsewhere)
+    assert main(["benchmark", "infer", str(folder / "checkpoints" / "model.pt")]) == 0
+    predictions = sorted((folder / "predictions").glob("*_seg.nii.gz"))
     datalist = json.loads((cwd / "runs" / "phantom_tasks" / "phantom-seg" / "phantom_seg.json").read_text())
     assert len(predictions) == len(datalist["validation"]) == 2
     for prediction in predictions:  # inverted onto the grid of the original file
         name = prediction.name.replace("_seg.nii.gz", ".nii.gz")
         original = nib.load(next((cwd / "runs" / "phantom_tasks" / "phantom-seg").rglob(name)))
         assert nib.load(prediction).shape[:3] == original.shape[:3]
+
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps what a config expression raises
+        run_in_process("downstream_benchmark", ["train.json", "evaluate.json"],
+                       args_file=str(folder / "settings.json"), window_size=7)
+    assert isinstance(caught.value.__cause__, ConfigError)
+    assert "was trained with window_size 2, but this command gives window_size 7" in str(caught.value.__cause__)
+    # without the run's settings the run folder is another one
+    lost = subprocess.run(bundle_command("downstream_benchmark", ["train.json", "evaluate.json"], "--task",
+                                         "phantom-seg", "--dataset_dir", str(elsewhere)),
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert lost.returncode == 1
+    last = lost.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: there is no trained model ") and "model.pt (" in last
+    assert "holds the trained runs cell); evaluate and inference find the run from the settings" in last
+    assert "--args_file runs/benchmark/<run name>/settings.json" in last and "Traceback" not in lost.stderr
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):

@@ -3,6 +3,7 @@ phantoms it generates itself, MLflow tracking into an embedded store, checkpoint
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def test_checkpoints_resume_and_export(smoke_run, tmp_path):
     assert "step 6/6" in resumed.stdout and "step 2/6" not in resumed.stdout
     state = read_checkpoint(checkpoints / "checkpoint_final.pt")
     assert state["trainer"]["iteration"] == 6
+    # what the run was pretrained on, for the export's provenance (leakage check, preprocessing plan)
+    facts = json.loads((cwd / "runs" / "smoke" / "pretraining.json").read_text())
+    assert Path(facts["manifest"]).is_file() and facts["backbone"]["size"] == "tiny"
+    assert set(facts) == {"manifest", "dataset_dir", "preset", "region_size", "backbone"}
     assert state["backbone_spec"]["size"] == "tiny"
     out, count = export_encoder(checkpoints / "checkpoint_final.pt", tmp_path / "encoder.pt")
     model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, use_v2=True, window_size=2)  # as smoke.json

@@ -7,6 +7,7 @@ nothing imports this module.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -117,17 +118,36 @@ class BenchmarkCommands:
 
         print(format_task_table(task_rows(task_type=task_type, modality=modality)))
 
-    def check(self, task: str, dataset_dir: str, voxels: bool = True, datalist: str | None = None) -> None:
+    def check(self, task: str, dataset_dir: str | None = None, voxels: bool = True,
+              datalist: str | None = None, pretrained: str | None = None) -> None:
         """Verify that DATASET_DIR holds a complete, readable copy of TASK (its datalist, images, labels; for the
         CT-RATE tasks the volumes and the report / label tables); exit 1 if not.
 
-        --datalist FILE: a Decathlon-style JSON other than the task's own (relative to DATASET_DIR)."""
+        TASK: a registry id (voco benchmark list), or your own dataset: the path of its dataset.json (Decathlon /
+        MSD style: labels, modality, training, validation) or of a voco manifest with label maps; its folder is
+        then the default DATASET_DIR.
+        --datalist FILE: a Decathlon-style JSON other than the task's own (relative to DATASET_DIR).
+        --pretrained ENC.pt: also say how many of the task's images that encoder was pretrained on (an export of
+        voco carries the fingerprints of its pretraining volumes)."""
         from voco.benchmark.checks import check_task_dataset
-        from voco.benchmark.registry import get_task
+        from voco.benchmark.own_data import default_dataset_dir, resolve_task
         from voco.data.manifest_checks import format_problem_table
 
-        rows = check_task_dataset(get_task(task), dataset_dir, read_voxels=voxels, datalist=datalist)
+        resolved = resolve_task(task)
+        dataset_dir = dataset_dir if dataset_dir is not None else default_dataset_dir(task)
+        if resolved.provenance.get("own_dataset"):
+            print(f"task {resolved.id}: {resolved.task_type} of {resolved.num_classes} classes "
+                  f"({', '.join(resolved.class_names)}), {resolved.in_channels} channel(s), "
+                  f"{resolved.provenance['preset']} preprocessing, roi {list(resolved.roi_size)}")
+        rows = check_task_dataset(resolved, dataset_dir, read_voxels=voxels, datalist=datalist)
         print(format_problem_table(rows))
+        if pretrained is not None:
+            from voco.benchmark.leakage import leakage_sentence, seen_in_pretraining
+
+            if not Path(pretrained).expanduser().is_file():
+                raise VocoError(f"the encoder {pretrained} does not exist; give the path of an exported encoder.")
+            result = seen_in_pretraining(resolved, dataset_dir, pretrained, datalist)
+            print(("warning: " if result and result["seen"] else "") + leakage_sentence(resolved, pretrained, result))
         if rows:
             raise SystemExit(1)
 
@@ -136,10 +156,16 @@ class BenchmarkCommands:
             backbone: str = "swin", modes=None, val_interval: int | None = None,
             tracking_uri: str | None = None, vit_layout: str | None = None,
             vit_window_size: int | None = None, learning_rate: float | None = None,
-            datalist: str | None = None) -> None:
+            datalist: str | None = None, preset: str | None = None, spacing=None, roi_size=None,
+            channel_adaptation: str | None = None) -> None:
         """Fine-tune every task from every encoder with every seed; finished cells are skipped (resumable).
 
         --tasks btcv,msd-task09-spleen --pretrained a.pt,b.pt,scratch --seeds 0,1,2
+        Your own labelled data: --tasks my_data/dataset.json (a Decathlon / MSD-style dataset.json, or a voco
+        manifest with label maps); its folder is the dataset folder, its name the task's name, and the report
+        shows no published number for it. --preset ct_abdomen|ct_chest|mr_zscore|... --spacing 1.5,1.5,1.5
+        --roi_size 96,96,96 change its preprocessing (the registry tasks' too).
+        --channel_adaptation mean|repeat|first|none: how a one-channel encoder serves a task of several channels.
         --dataset_dir DIR (one folder) or btcv=DIR,msd-task09-spleen=DIR; not needed with --config smoke.
         --config train|smoke (smoke: a tiny model on phantoms it makes, for phantom-seg / phantom-cls / phantom-reg).
         --modes finetune,frozen,linear_probe (how each checkpoint is used; default finetune).
@@ -152,11 +178,12 @@ class BenchmarkCommands:
         fine-tuning), both by default for ct-rate-vocab-cls; backbone and size come from the checkpoint.
         Each cell is an MLflow run in experiment benchmark-<task>; exit 1 if a cell failed.
         """
+        from voco.benchmark.own_data import is_dataset_path
         from voco.benchmark.runs import parse_dataset_dirs, parse_list, plan_grid, run_grid
 
         name = str(config).removesuffix(".json")
         config_files = ["train.json"] + ([] if name == "train" else [f"{name}.json"])
-        if dataset_dir is None and name == "train":
+        if dataset_dir is None and name == "train" and not all(map(is_dataset_path, parse_list(tasks))):
             raise VocoError("the benchmark needs --dataset_dir: the folder of the task's dataset, or task=folder pairs "
                             "such as btcv=/data/BTCV,msd-task09-spleen=/data/Task09_Spleen (`voco benchmark check` "
                             "verifies one).")
@@ -169,7 +196,10 @@ class BenchmarkCommands:
                           training_cases=training_cases)
         overrides = {key: value for key, value in (("max_epochs", max_epochs), ("val_interval", val_interval),
                                                    ("vit_layout", vit_layout), ("vit_window_size", vit_window_size),
-                                                   ("learning_rate", learning_rate), ("datalist", datalist))
+                                                   ("learning_rate", learning_rate), ("datalist", datalist),
+                                                   ("preset", preset), ("spacing", _numbers(spacing)),
+                                                   ("roi_size", _numbers(roi_size)),
+                                                   ("channel_adaptation", channel_adaptation))
                      if value is not None}
         print(f"benchmark grid: {len(cells)} run{'' if len(cells) == 1 else 's'}")
         rows = run_grid(cells, dataset_dirs=parse_dataset_dirs(dataset_dir), tracking_uri=tracking_uri,
@@ -177,6 +207,37 @@ class BenchmarkCommands:
         print("see the results with `voco benchmark report`")
         if any(row["status"] == "failed" for row in rows):
             raise SystemExit(1)
+
+    def evaluate(self, run: str, dataset_dir: str | None = None, datalist: str | None = None) -> None:
+        """Evaluate a trained run's best model again, with the network, preprocessing and data it was trained with
+        (read from RUN/settings.json): metrics in RUN/evaluation/metrics.csv, a picture of a case.
+
+        RUN: runs/benchmark/<run name> (or its checkpoints/model.pt). --dataset_dir / --datalist: other data of the
+        same task (its validation list is evaluated)."""
+        self._trained_run(run, "evaluate.json", dataset_dir=dataset_dir, datalist=datalist)
+
+    def infer(self, run: str, images=None, dataset_dir: str | None = None, datalist: str | None = None) -> None:
+        """Predict label maps with a trained run's best model (network and preprocessing from RUN/settings.json) into
+        RUN/predictions, each on its image's own grid: the validation images of the run's datalist, or
+        --images a.nii.gz,b.nii.gz."""
+        from voco.benchmark.runs import parse_list
+
+        files = [str(Path(image).expanduser().resolve()) for image in parse_list(images)] or None
+        self._trained_run(run, "inference.json", dataset_dir=dataset_dir, datalist=datalist, images=files)
+
+    @staticmethod
+    def _trained_run(run: str, config: str, **overrides) -> None:
+        from voco.benchmark.finetune import read_trained_settings
+        from voco.benchmark.own_data import resolve_task
+
+        settings, folder = read_trained_settings(run)
+        task_type = resolve_task(settings["task"]).task_type
+        if task_type not in ("segmentation", "classification"):
+            raise VocoError(f"{folder} is a {task_type} run; `voco benchmark evaluate / infer` take segmentation and "
+                            f"classification runs.")
+        settings.update({key: value for key, value in overrides.items() if value is not None})
+        run_bundle("downstream_benchmark", ["train.json", config], **settings)
+        print(f"wrote {folder / ('evaluation' if config == 'evaluate.json' else 'predictions')}")
 
     def report(self, out: str = "results", tasks=None, tracking_uri: str | None = None) -> None:
         """Print the results table (mean ± std over seeds beside the published number) and write
@@ -236,6 +297,28 @@ class VocoCommands:
             path = latest
         written, count = export_encoder(path, out)
         print(f"exported {count} encoder tensors from {path} to {written}")
+        self._record_provenance(source, written)
+
+    @staticmethod
+    def _record_provenance(source: str, written: Path) -> None:
+        """The pretraining facts and the fingerprints of the pretraining volumes beside the export, so that
+        `voco benchmark check / run` can warn of task images the encoder has seen."""
+        from voco.checkpoints.provenance import run_facts, write_provenance
+
+        found = run_facts(source)
+        if found is None:
+            print("no pretraining.json in the run folder (a run of an older voco, or a foreign checkpoint): the "
+                  "export carries no fingerprints of its pretraining volumes, so no leakage check is possible")
+            return
+        facts, folder = found
+        try:
+            provenance = write_provenance(written, facts, cache_file=folder / "fingerprints.json")
+        except VocoError as error:  # the export itself is done; only the leakage record is missing
+            print(f"no fingerprints beside the export: {error}")
+            return
+        content = json.loads(provenance.read_text())
+        print(f"recorded the pretraining facts and {content['volumes']} volume fingerprints in {provenance}"
+              + (f" ({content['unreadable']} volumes could not be read)" if content["unreadable"] else ""))
 
     def demo(self, out: str = "demo_output", phantoms: int = 8, seed: int = 0, pretrain_steps: int = 60,
              finetune_steps: int = 150, training_cases: int = 2) -> None:
@@ -294,6 +377,22 @@ class VocoCommands:
         print(demo_verdict(rows))
         print(f"demo finished in {time.perf_counter() - start:.0f} s. Browse the runs with:\n"
               f"    .venv/bin/mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def _numbers(value: object) -> list | None:
+    """--spacing / --roi_size as a list of numbers: fire gives "1.5,1.5,1.5" as a tuple, "96" as a number."""
+    from voco.benchmark.runs import parse_list
+
+    if value is None:
+        return None
+    numbers = []
+    for part in parse_list(value):
+        try:
+            number = float(part)
+        except ValueError:
+            raise VocoError(f"{part!r} in {value!r} is not a number; give three numbers such as 96,96,96.") from None
+        numbers.append(int(number) if number.is_integer() and "." not in part else number)
+    return numbers
 
 
 def demo_verdict(rows: list[dict], results: str | Path = Path("benchmarks") / "results" / "benchmark.json") -> str:

@@ -38,13 +38,14 @@ class Cell:
     """One run of the grid: a task fine-tuned from one encoder source in one mode with one seed.
 
     Attributes:
-        task: registry task id, e.g. "btcv".
+        task: registry task id, e.g. "btcv"; for a user's own dataset the task name derived from it.
         pretrained: a checkpoint path, or "scratch".
         mode: "scratch" (with pretrained "scratch"), or "finetune" | "frozen" | "linear_probe"; a vision-language
             task: "zero_shot" or "finetune" (vocabulary fine-tuning) of a CLIP checkpoint.
         seed: the bundle's seed (also the seed of the few-label training case choice).
         backbone / size: the network spec, e.g. "swin" / "B".
         training_cases: keep only this many training cases (None: all).
+        source: the dataset file of a user's own task (`voco.benchmark.own_data`), None for a registry task.
     """
 
     task: str
@@ -54,6 +55,7 @@ class Cell:
     backbone: str = "swin"
     size: str = "B"
     training_cases: int | None = None
+    source: str | None = None
 
     @property
     def run_name(self) -> str:
@@ -63,5 +65,5 @@ class Cell:
 
     def settings(self) -> dict:
         """The bundle settings of this cell (overrides of configs/train.json)."""
-        return {"task": self.task, "pretrained": self.pretrained, "mode": self.mode, "backbone": self.backbone,
+        return {"task": self.source or self.task, "pretrained": self.pretrained, "mode": self.mode, "backbone": self.backbone,
                 "size": self.size, "seed": self.seed, "training_cases": self.training_cases}

@@ -6,7 +6,6 @@ checked by its own module (`LAYOUT_CHECKS`: vision-language -> `voco.benchmark.c
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -16,9 +15,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from voco.benchmark.ct_rate import check_ct_rate_copy
+from voco.benchmark.own_data import read_datalist
 from voco.benchmark.registry import Task, is_whole, registration_keys
 from voco.data.manifest_checks import ProblemRows
-from voco.data.manifest import SPLITS, is_decathlon
+from voco.data.manifest import SPLITS
+from voco.errors import ManifestError
 from voco.data.volumes import VolumeHeader, header_problems, inspect_volume, load_voxels, one_line
 
 # Task types whose datasets come in their own layout, and their checks.
@@ -197,17 +198,15 @@ def check_task_dataset(task: Task, dataset_dir: str | os.PathLike, *, read_voxel
         return rows
     path = Path(name).expanduser()
     path = path if path.is_absolute() else root / path
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    data = None
+    if not path.is_file():
         problem = (f"{path} does not exist; put the {task.id} datalist ({Path(name).name}) in {root} or give "
                    f"another with --datalist FILE.")
-        data = None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        problem, data = f"{path} cannot be read as JSON ({one_line(error)}); fix or replace the datalist.", None
-    if data is not None and not (isinstance(data, dict) and is_decathlon(data)):
-        problem, data = (f"{path} is not a Decathlon-style datalist (an object with 'training' / 'validation' "
-                         f"lists); give one such as {task.datalist_file or 'dataset.json'}."), None
+    else:
+        try:
+            data = read_datalist(path)
+        except ManifestError as error:
+            problem = one_line(error)
     if data is None:
         rows.append({"entry": "datalist", "path": str(path), "problem": problem})
         return rows

@@ -19,6 +19,7 @@ from monai import transforms as mt
 from monai.handlers import MeanDice, ROCAUC, from_engine
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 
+from voco.benchmark.own_data import read_datalist
 from voco.benchmark.registry import Task
 from voco.errors import ConfigError, ManifestError, VocoError, optional_import
 from voco.tracking import RunLogger
@@ -39,13 +40,10 @@ def task_datalists(task: Task, dataset_dir: str | Path, *, datalist: str | None 
     if name is None:
         raise ConfigError(f"task {task.id!r} names no datalist file; pass --datalist with a Decathlon-style JSON.")
     path = Path(name) if Path(name).is_absolute() else root / name
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.is_file():
         raise ManifestError(f"{path} does not exist; check the dataset with `voco benchmark check {task.id} "
-                            f"--dataset_dir {root}`.") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise ManifestError(f"{path} cannot be read as JSON ({error}); fix or replace the datalist.") from None
+                            f"{root}`.")
+    data = read_datalist(path)
 
     def absolute(entry: Mapping[str, Any]) -> dict:
         return {key: str(root / value) if isinstance(value, str) and key != "id" else value
@@ -79,22 +77,75 @@ def require_finetune_type(task: Task, task_types: Sequence[str] = FINETUNE_TYPES
     return task
 
 
-def require_trained_model(model_path: str | Path) -> Path:
-    """The `model.pt` that evaluate.json and inference.json read, checked before any volume is cached: the run
-    folder is found from the settings, so a command without the training's overrides looks in another folder.
+# The run folder's record of the settings it was trained with (resolved values): MONAI's --args_file for
+# evaluate.json and inference.json, and what `voco benchmark evaluate / infer RUN` read.
+TRAINED_SETTINGS_FILE = "settings.json"
+# Settings that shape the network or its inputs: evaluating with another value than the training's cannot work.
+MODEL_SETTINGS = ("task", "preset", "spacing", "roi_size", "backbone", "size", "window_size", "vit_layout",
+                  "vit_window_size", "vit_position_embedding")
+
+
+def record_trained_settings(output_dir: str | Path, settings: Mapping[str, Any]) -> Path | None:
+    """Write `settings` (the bundle's ``trained_settings``: task, data, network and run folder, resolved) as
+    ``<run folder>/settings.json`` so that the run alone rebuilds its network, transforms and data (rank 0 only)."""
+    from voco.distributed import get_rank
+    from voco.files import write_json_atomically
+
+    if get_rank() != 0:
+        return None
+    return write_json_atomically(json.loads(json.dumps(dict(settings), default=str)),
+                                 Path(output_dir) / TRAINED_SETTINGS_FILE)
+
+
+def read_trained_settings(run: str | Path) -> tuple[dict, Path]:
+    """(recorded settings, run folder) of a trained run given as its folder, its ``checkpoints/model.pt`` or its
+    ``settings.json``; ``output_dir`` is set to the folder where it is now (a run folder may have been moved).
 
     Raises:
-        ConfigError: naming the file and what to give, with the trained runs that are there.
+        ConfigError: naming the path and what to give."""
+    path = Path(run).expanduser().resolve()
+    folder = {TRAINED_SETTINGS_FILE: path.parent, "model.pt": path.parent.parent}.get(path.name, path)
+    recorded = folder / TRAINED_SETTINGS_FILE
+    if not recorded.is_file():
+        raise ConfigError(f"{path} is not a trained run of the downstream bundle ({recorded} is missing); give "
+                          f"runs/benchmark/<run name>, the folder a fine-tuning run wrote (runs trained before "
+                          f"voco recorded settings.json need the training's overrides instead).")
+    try:
+        settings = json.loads(recorded.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{recorded} cannot be read ({error}); it is written by the fine-tuning run, so run "
+                          f"the training again or give the training's overrides instead.") from None
+    return {**settings, "output_dir": str(folder)}, folder
+
+
+def require_trained_model(model_path: str | Path, settings: Mapping[str, Any] | None = None) -> Path:
+    """The `model.pt` that evaluate.json and inference.json read, checked before any volume is cached: the run
+    folder is found from the settings, so a command without the training's settings looks in another folder; with
+    `settings` (the bundle's ``trained_settings``), those that shape the network must be the training's.
+
+    Raises:
+        ConfigError: naming the file (or the settings that differ) and what to give, with the trained runs that
+            are there.
     """
     path = Path(model_path)
-    if path.is_file():
-        return path
-    runs = path.parent.parent.parent  # runs/benchmark/<run name>/checkpoints/model.pt
-    trained = sorted(model.parent.parent.name for model in runs.glob("*/checkpoints/model.pt"))[:3]
-    there = f" ({runs} holds the trained runs {', '.join(trained)})" if trained else ""
-    raise ConfigError(f"there is no trained model {path}{there}; evaluate and inference find the run from the "
-                      f"settings, so give the overrides and extra configs of the training command (or its "
-                      f"--run_name).")
+    if not path.is_file():
+        runs = path.parent.parent.parent  # runs/benchmark/<run name>/checkpoints/model.pt
+        trained = sorted(model.parent.parent.name for model in runs.glob("*/checkpoints/model.pt"))[:3]
+        there = f" ({runs} holds the trained runs {', '.join(trained)})" if trained else ""
+        raise ConfigError(f"there is no trained model {path}{there}; evaluate and inference find the run from the "
+                          f"settings: give --args_file runs/benchmark/<run name>/{TRAINED_SETTINGS_FILE} (or run "
+                          f"`voco benchmark evaluate runs/benchmark/<run name>`).")
+    recorded_file = path.parent.parent / TRAINED_SETTINGS_FILE
+    if settings is not None and recorded_file.is_file():
+        recorded, _ = read_trained_settings(recorded_file)
+        given = json.loads(json.dumps(dict(settings), default=str))
+        differ = [name for name in MODEL_SETTINGS if name in recorded and recorded[name] != given.get(name)]
+        if differ:
+            trained_with = ", ".join(f"{name} {recorded[name]!r}" for name in differ)
+            given_now = ", ".join(f"{name} {given.get(name)!r}" for name in differ)
+            raise ConfigError(f"{path} was trained with {trained_with}, but this command gives {given_now}; drop "
+                              f"those overrides (--args_file {recorded_file} gives the training's settings).")
+    return path
 
 
 def warmup_steps(total_steps: int) -> int:

@@ -227,7 +227,8 @@ def decoder_of(network: nn.Module) -> nn.Module | None:
 
 def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | Mapping[str, Any] | None, *,
                                mode: str = "finetune", min_loaded_fraction: float = 0.5,
-                               load_decoder: bool | None = None) -> LoadReport | None:
+                               load_decoder: bool | None = None, channel_adaptation: str = "mean"
+                               ) -> LoadReport | None:
     """Load pretrained encoder (and decoder) weights into a task network and set which parameters train.
 
     Args:
@@ -242,6 +243,9 @@ def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | M
             network's SwinUNETR decoder where name and shape match (the output layer usually differs: other
             classes). None (default): yes when the checkpoint has such tensors; True: refuse a checkpoint without
             any that fit; False: the decoder stays random. The decoder trains in every mode.
+        channel_adaptation: how a one-channel encoder's input layer serves a task of several channels
+            (multi-sequence MRI): "mean" (default), "repeat", "first" or "none"
+            (`voco.checkpoints.loading.CHANNEL_RULES`); named in the load report.
 
     Returns:
         The load report (its summary is printed), or None for ``"scratch"``. Give the optimizer only the
@@ -274,7 +278,7 @@ def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | M
                           "set load_decoder to null (or false).")
     encoder = encoder_of(network)
     report = load_encoder_weights(encoder, source, min_loaded_fraction=min_loaded_fraction, decoder=decoder,
-                                  load_decoder=load_decoder)
+                                  load_decoder=load_decoder, channel_adaptation=channel_adaptation)
     print(f"pretrained encoder ({mode}): {report.summary()}")
     if mode == "frozen":
         encoder.requires_grad_(False)

@@ -24,7 +24,7 @@ from voco.files import atomic_write
 
 GROUP_KEYS = ("task", "encoder", "mode", "backbone", "size", "training_cases")
 CSV_COLUMNS = ("task", "encoder", "mode", "backbone", "size", "training_cases", "key_metric", "n", "seeds", "mean",
-               "std", "reference", "reference_method", "reference_metric", "difference")
+               "std", "reference", "reference_method", "reference_metric", "difference", "seen_in_pretraining")
 # which reference metric our key metric can be compared with (the reference reports percentages)
 COMPARABLE = {"metric/dice": "dice", "metric/auc": "auc"}
 
@@ -47,7 +47,8 @@ def collect_results(tracking_uri: str | None = None, tasks: Iterable[str] | None
 
     Returns:
         rows {"task", "encoder", "mode", "backbone", "size", "seed", "training_cases", "key_metric", "best",
-        "max_epochs", "run_name", "run_id", "start_time"}, oldest run first; `best` in [0, 1] as logged. A run that
+        "max_epochs", "task_source", "run_name", "run_id", "start_time"}, oldest run first (task_source: the dataset
+        file of a user's own task, "" for a registry task); `best` in [0, 1] as logged. A run that
         lists several metrics in its tag ``voco.report_metrics`` (the vision-language tasks: Recall@K, mean AUC,
         ...) gives one row per metric it holds a ``best/`` value of.
     """
@@ -55,9 +56,7 @@ def collect_results(tracking_uri: str | None = None, tasks: Iterable[str] | None
 
     names = None
     if tasks is not None:
-        from voco.benchmark.registry import get_task
-
-        names = [EXPERIMENT_PREFIX + get_task(str(task)).id for task in tasks]
+        names = [EXPERIMENT_PREFIX + _task_name(str(task)) for task in tasks]
     rows = []
     for run in finished_runs(tracking_uri, names):
         tags, metrics = run.data.tags, run.data.metrics
@@ -77,11 +76,27 @@ def collect_results(tracking_uri: str | None = None, tasks: Iterable[str] | None
                 "key_metric": name,
                 "best": float(metrics[f"best/{name}"]),
                 "max_epochs": _optional_int(tags.get("voco.max_epochs")),
+                "task_source": tags.get("voco.task_source", ""),
+                "seen_in_pretraining": tags.get("voco.seen_in_pretraining", ""),
                 "run_name": run.info.run_name,
                 "run_id": run.info.run_id,
                 "start_time": run.info.start_time,
             })
     return rows
+
+
+def _task_name(spec: str) -> str:
+    """The experiment's task name of a `--tasks` entry: a registry id, a user's dataset file (its derived name),
+    or the name of a user's task as the runs recorded it."""
+    from voco.benchmark.own_data import is_dataset_path, task_from_dataset
+    from voco.benchmark.registry import get_task
+
+    if is_dataset_path(spec):
+        return task_from_dataset(spec).id
+    try:
+        return get_task(spec).id
+    except ConfigError:
+        return spec
 
 
 def reference_for(task_id: str, key_metric: str) -> dict | None:
@@ -119,11 +134,12 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
 
     A seed run more than once counts once (its latest run). `mean` and `std` (the sample standard deviation over
     seeds; None for one seed) are of `best` in percent; `reference` is the published number (`reference_for`, in
-    percent as published) and `difference` = mean - reference, in percentage points.
+    percent as published) and `difference` = mean - reference, in percentage points. A user's own dataset
+    (`own_data`) has no reference, whatever its name.
 
     Returns:
-        rows {"task", "encoder", "mode", "backbone", "size", "training_cases", "key_metric", "n", "seeds", "mean",
-        "std", "reference", "reference_method", "reference_metric", "difference"}, sorted by task, then encoder
+        rows {"task", "encoder", "mode", "backbone", "size", "training_cases", "key_metric", "n", "own_data",
+        "seeds", "mean", "std", "reference", "reference_method", "reference_metric", "difference"}, sorted by task, then encoder
         (scratch last), mode, backbone, size, training cases.
     """
     groups: dict[tuple, dict[Any, Mapping[str, Any]]] = defaultdict(dict)
@@ -136,8 +152,10 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
         percents = [100.0 * float(row["best"]) for row in by_seed.values()]
         mean = statistics.fmean(percents)
         std = statistics.stdev(percents) if len(percents) > 1 else None
-        reference = reference_for(values["task"], values["key_metric"])
-        summary.append({**values, "n": len(percents),
+        own_data = any(row.get("task_source") for row in by_seed.values())
+        seen = next((row["seen_in_pretraining"] for row in by_seed.values() if row.get("seen_in_pretraining")), "")
+        reference = None if own_data else reference_for(values["task"], values["key_metric"])
+        summary.append({**values, "n": len(percents), "own_data": own_data, "seen_in_pretraining": seen,
                         "seeds": sorted(by_seed, key=lambda seed: (seed is None, seed if seed is not None else 0)),
                         "mean": mean, "std": std,
                         "reference": reference["value"] if reference else None,
@@ -172,8 +190,10 @@ def metric_label(key_metric: str) -> str:
 
 
 def _reference_text(row: Mapping[str, Any]) -> str:
-    """The published number; "n/a" where the reference publishes none for the task, "-" where its number is of
-    another metric than ours."""
+    """The published number; "no published number" for a user's own dataset, "n/a" where the reference publishes
+    none for the task, "-" where its number is of another metric than ours."""
+    if row.get("own_data"):
+        return "no published number"
     if row["reference"] is not None:
         return _number(row["reference"])
     from voco.benchmark.registry import get_task, reference_number
@@ -185,19 +205,27 @@ def _reference_text(row: Mapping[str, Any]) -> str:
     return "-" if published else "n/a"
 
 
+def _notes(row: Mapping[str, Any]) -> str:
+    """What qualifies the number: task images the encoder was pretrained on (`voco.benchmark.leakage`)."""
+    seen = str(row.get("seen_in_pretraining") or "")
+    if seen and not seen.startswith("0/"):
+        return f"{seen} images seen in pretraining"
+    return ""
+
+
 def format_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     """The summary as a markdown table: ours (mean ± std over seeds, %) beside the published number ("n/a" where
     the reference publishes none for the task)."""
     header = ["task", "encoder", "mode", "backbone", "training cases", "metric", "seeds", "ours (%)",
-              "reference (%)", "reference method", "ours - reference"]
+              "reference (%)", "reference method", "ours - reference", "notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 5 + ["---", "---:", "---:", "---:", "---",
-                                                                            "---:"]) + "|"]
+                                                                            "---:", "---"]) + "|"]
     for row in summary:
         ours = _number(row["mean"]) + ("" if row["std"] is None else f" ± {_number(row['std'])}")
         cells = [row["task"], row["encoder"], row["mode"], f"{row['backbone']}-{row['size']}",
                  "all" if row["training_cases"] is None else str(row["training_cases"]),
                  metric_label(row["key_metric"]), str(row["n"]), ours, _reference_text(row),
-                 row["reference_method"] or "-", _number(row["difference"], signed=True)]
+                 row["reference_method"] or "-", _number(row["difference"], signed=True), _notes(row)]
         lines.append("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -37,7 +37,8 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
     """The cells of a grid, task by task, then encoder, mode and seed.
 
     Args:
-        tasks: registry task ids (checked: an unknown or not fine-tunable task is a ConfigError).
+        tasks: registry task ids, or paths of a user's own dataset.json (`voco.benchmark.own_data`); checked: an
+            unknown or not fine-tunable task is a ConfigError.
         pretrained: checkpoint paths and / or "scratch".
         seeds: one cell per seed.
         modes: how each checkpoint is used ("finetune", "frozen", "linear_probe"); default ("finetune",).
@@ -52,9 +53,9 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
     from voco.benchmark import ct_rate, vision_language
     from voco.benchmark.cells import encoder_name
     from voco.benchmark.finetune import require_finetune_type
-    from voco.benchmark.registry import get_task
+    from voco.benchmark.own_data import own_dataset, resolve_task
 
-    task_list = list({task.id: task for task in (require_finetune_type(get_task(str(name)), GRID_TASK_TYPES)
+    task_list = list({task.id: task for task in (require_finetune_type(resolve_task(str(name)), GRID_TASK_TYPES)
                                                  for name in tasks)}.values())
     task_ids = [task.id for task in task_list]
     sources = list(dict.fromkeys("scratch" if _is_scratch(source) else str(source) for source in pretrained))
@@ -91,7 +92,8 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
         for source in sources:
             for mode in (["scratch"] if source == "scratch" else encoder_modes):
                 for seed in seed_list:
-                    cells.append(Cell(task.id, source, mode, seed, str(backbone), str(size), training_cases))
+                    cells.append(Cell(task.id, source, mode, seed, str(backbone), str(size), training_cases,
+                                      own_dataset(task) or None))
     return cells
 
 
@@ -107,7 +109,7 @@ def _whole(value: Any, name: str) -> int:
 def grid_settings(cell: Cell, settings: Mapping[str, Any], config_files: Sequence[str]) -> dict:
     """What changes a cell's result beyond what its run name says: the configs, the settings given to every cell,
     and the content of the encoder file and of the task's datalist (their SHA-256), as plain data."""
-    from voco.benchmark.registry import get_task
+    from voco.benchmark.own_data import resolve_task
     from voco.files import sha256_of
 
     recorded = {"configs": list(config_files)}
@@ -115,7 +117,7 @@ def grid_settings(cell: Cell, settings: Mapping[str, Any], config_files: Sequenc
                      if key not in set(cell.settings()) | {"tracking_uri", "dataset_dir", "run_name"}})
     if not _is_scratch(cell.pretrained) and Path(settings["pretrained"]).is_file():
         recorded["encoder_sha256"] = _digest(settings["pretrained"], sha256_of)
-    datalist = settings.get("datalist") or get_task(cell.task).datalist_file
+    datalist = settings.get("datalist") or resolve_task(cell.source or cell.task).datalist_file
     if settings.get("dataset_dir") and datalist and (Path(settings["dataset_dir"]) / datalist).is_file():
         recorded["datalist_sha256"] = _digest(str(Path(settings["dataset_dir"]) / datalist), sha256_of)
     return json.loads(json.dumps(recorded, sort_keys=True, default=str))  # as the MLflow tag gives it back
@@ -218,12 +220,18 @@ def _mark_failed(tracking_uri: str, cell: Cell) -> None:
         pass
 
 
-def _dataset_dir_of(dataset_dirs: Mapping[str, Any] | str | os.PathLike | None, task: str) -> str | None:
+def _dataset_dir_of(dataset_dirs: Mapping[str, Any] | str | os.PathLike | None, cell: Cell) -> str | None:
+    """The dataset folder of a cell's task: given for every task, given for this one, or (a user's own dataset)
+    the folder of its dataset file."""
+    task = cell.task
+    own_folder = str(Path(cell.source).parent) if cell.source else None
     if dataset_dirs is None:
-        return None
+        return own_folder
     if isinstance(dataset_dirs, (str, os.PathLike)):
         return str(Path(dataset_dirs).expanduser().resolve())
     by_lower = {str(key).lower(): value for key, value in dataset_dirs.items()}
+    if task.lower() not in by_lower and own_folder is not None:
+        return own_folder
     if task.lower() not in by_lower:
         raise ConfigError(f"no dataset folder is given for the task {task!r} (given for "
                           f"{', '.join(map(str, dataset_dirs)) or 'none'}); add {task}=<folder> to --dataset_dir.")
@@ -267,11 +275,11 @@ def bundle_runner(config_files: Sequence[str] = ("train.json",)) -> Callable[[Ce
     config_paths("downstream_benchmark", config_files)  # fail before the first cell, not after it
 
     def run(cell: Cell, settings: dict) -> None:
-        from voco.benchmark.registry import get_task
+        from voco.benchmark.own_data import resolve_task
         from voco.benchmark.vision_language import CONFIG_FILES
 
         files = list(config_files)
-        task_type = get_task(cell.task).task_type
+        task_type = resolve_task(cell.source or cell.task).task_type
         if task_type == "registration":  # the registration override after whatever configs the grid uses
             files.append("registration.json")
         elif task_type == "vision-language":  # the mode's configs right after train.json: later overrides still win
@@ -293,7 +301,8 @@ def run_grid(cells: Sequence[Cell], *, dataset_dirs: Mapping[str, Any] | str | o
     Args:
         cells: from `plan_grid`.
         dataset_dirs: the dataset folder of each task ({task: folder}), one folder for every task, or None where
-            the config makes its own (the smoke config's phantoms).
+            the config makes its own (the smoke config's phantoms); a user's own dataset defaults to the folder of
+            its dataset file.
         tracking_uri: the MLflow store (default: `voco.tracking.default_tracking_uri()`).
         config_files: bundle config files, e.g. ("train.json", "smoke.json").
         overrides: further bundle settings for every cell, e.g. {"max_epochs": 50, "val_interval": 5}.
@@ -313,7 +322,7 @@ def run_grid(cells: Sequence[Cell], *, dataset_dirs: Mapping[str, Any] | str | o
     runner = runner or bundle_runner(config_files)
     finished = finished_settings(tracking_uri)
     to_run = [cell for cell in cells if cell.run_name not in finished]
-    folders = {cell.task: _dataset_dir_of(dataset_dirs, cell.task) for cell in cells}
+    folders = {cell.task: _dataset_dir_of(dataset_dirs, cell) for cell in cells}
     for cell in cells:  # a typo in a path should not cost the cells before it
         if not _is_scratch(cell.pretrained) and not Path(cell.pretrained).expanduser().is_file() and (
                 cell in to_run or folders[cell.task] is not None):

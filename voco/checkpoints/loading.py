@@ -26,7 +26,7 @@ from voco.checkpoints.formats import (
     encoder_state_dict,
     read_checkpoint,
 )
-from voco.errors import CheckpointError, ConfigError
+from voco.errors import CheckpointError, ConfigError, require_choice
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class LoadReport:
             shape matched; only when a decoder was given).
         decoder_skipped: ``(name, why)`` of that checkpoint's other decoder tensors (another shape, not in the
             model, or ``load_decoder`` off).
+        adapted_channels: ``(name, checkpoint channels, model channels, rule)`` of input layers whose one-channel
+            kernel was spread over the model's input channels (`adapt_input_channels`); they count as loaded.
         source: the file (or ``"<dict>"``) the weights came from; source_format: see
             :func:`encoder_state_dict`.
     """
@@ -64,6 +66,7 @@ class LoadReport:
     decoder_skipped: list[tuple[str, str]] = field(default_factory=list)
     source: str = "<dict>"
     source_format: str = ""
+    adapted_channels: list[tuple[str, int, int, str]] = field(default_factory=list)
 
     @property
     def missing_encoder(self) -> list[str]:
@@ -90,6 +93,8 @@ class LoadReport:
             line += f", {len(self.outside_encoder)} tensors outside the encoder keep their initial values"
         if self.decoder_loaded or self.decoder_skipped:
             line += f"; decoder: loaded {len(self.decoder_loaded)} tensors, skipped {len(self.decoder_skipped)}"
+        for name, before, after, rule in self.adapted_channels:
+            line += f"; input channels {before} -> {after} by {rule!r} ({name})"
         return line
 
     def table(self) -> str:
@@ -139,6 +144,7 @@ def load_encoder_weights(
     prefix: str = "",
     decoder: nn.Module | None = None,
     load_decoder: bool | None = None,
+    channel_adaptation: str = "mean",
 ) -> LoadReport:
     """Copy encoder weights into ``model`` by name and shape, and report every tensor that did not fit.
 
@@ -159,6 +165,8 @@ def load_encoder_weights(
             `voco.benchmark.networks.decoder_of`), or None (the encoder alone).
         load_decoder: with ``decoder``: None (default) copies its fitting tensors when the checkpoint has any;
             True also refuses a checkpoint with none that fit; False copies none (they are reported as skipped).
+        channel_adaptation: how a one-channel checkpoint's input layer serves a model of several input channels
+            (`CHANNEL_RULES`: "mean" by default; "none" skips that layer), named in the report.
 
     Returns:
         The :class:`LoadReport`; its summary is also logged (at WARNING when anything was skipped).
@@ -196,9 +204,9 @@ def load_encoder_weights(
         source=label,
         source_format=source_format,
     )
-    report.loaded, report.skipped_unexpected, report.skipped_shape = _fitting(
-        weights, {name: targets[name] for name in encoder_targets}
-    )
+    encoder_tensors = {name: targets[name] for name in encoder_targets}
+    weights, report.adapted_channels = adapt_input_channels(weights, encoder_tensors, channel_adaptation)
+    report.loaded, report.skipped_unexpected, report.skipped_shape = _fitting(weights, encoder_tensors)
     report.missing = [name for name in targets if name not in weights]
     decoder_weights = decoder_state_dict(checkpoint) if decoder is not None else {}
     if load_decoder is False:
@@ -237,6 +245,38 @@ def load_encoder_weights(
     logger.log(logging.INFO if clean else logging.WARNING, "encoder weights: %s", report.summary())
     logger.debug("%s", report.table())
     return report
+
+
+# How a one-channel input kernel becomes a kernel of C channels (fine-tuning a CT encoder on multi-sequence MRI):
+#   mean:   the kernel on every channel, divided by C: the layer answers the channels' mean as it answered the one
+#           channel it was trained on (identical channels give exactly the pretrained response);
+#   repeat: the kernel on every channel: it answers their sum (C times the response to identical channels);
+#   first:  the kernel on channel 0, zeros elsewhere: the other channels start unheard and are learnt.
+CHANNEL_RULES = ("mean", "repeat", "first", "none")
+
+
+def adapt_input_channels(weights: StateDict, targets: Mapping[str, torch.Tensor], rule: str = "mean"
+                         ) -> tuple[StateDict, list[tuple[str, int, int, str]]]:
+    """`weights` with every one-input-channel convolution kernel whose model tensor takes C > 1 channels (the
+    input layer: same output channels and kernel size) spread over the C channels by `rule` (`CHANNEL_RULES`;
+    "none" changes nothing, so the tensor is skipped for its shape). Returns (weights, what was adapted)."""
+    require_choice("channel adaptation rule", rule, CHANNEL_RULES)
+    adapted, changed = dict(weights), []
+    for name, tensor in weights.items():
+        target = targets.get(name)
+        if (rule == "none" or target is None or tensor.ndim < 3 or tensor.shape[1] != 1 or target.shape[1] <= 1
+                or tensor.shape[0] != target.shape[0] or tensor.shape[2:] != target.shape[2:]):
+            continue
+        channels = target.shape[1]
+        if rule == "first":
+            spread = torch.zeros_like(tensor).repeat(1, channels, *([1] * (tensor.ndim - 2)))
+            spread[:, :1] = tensor
+        else:
+            spread = tensor.repeat(1, channels, *([1] * (tensor.ndim - 2)))
+            spread = spread / channels if rule == "mean" else spread
+        adapted[name] = spread
+        changed.append((name, 1, channels, rule))
+    return adapted, changed
 
 
 def _fitting(weights: StateDict, targets: Mapping[str, torch.Tensor]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,17 +19,26 @@ def required_setting(name: str, what: str) -> None:
     raise ConfigError(f"the bundle needs --{name}: {what}.")
 
 
-def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str, lock: bool = True) -> Path:
+def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str, lock: bool = True,
+                facts: Mapping[str, Any] | None = None) -> Path:
     """Check the command line's overrides (`voco.bundles.check_command_line`: a mistyped one stops the run, naming
     the setting meant), create the run folder and, with `lock`, take its lock (`voco.run_lock`; rank 0 under
     torchrun): a second process with the same run name stops in one sentence. Where the store is our embedded SQLite file, create the
     experiment with its artifacts beside the store (MLflow would otherwise put them in ./mlruns of whatever folder
-    this runs in). The bundles release the lock in ``finalize`` (`voco.engine.release_run`)."""
+    this runs in). The bundles release the lock in ``finalize`` (`voco.engine.release_run`). A pretraining bundle
+    passes its `facts` (manifest, dataset_dir, preset, region size, backbone): they are written to
+    ``<run folder>/pretraining.json``, what `voco export` carries beside the encoder
+    (`voco.checkpoints.provenance`)."""
     check_command_line()  # before anything is written: a mistyped override stops the run with the setting meant
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     if lock and get_rank() == 0:
         lock_run_folder(folder)
+    if facts is not None and get_rank() == 0:
+        from voco.checkpoints.provenance import RUN_FACTS_FILE
+        from voco.files import write_json_atomically
+
+        write_json_atomically(json.loads(json.dumps(dict(facts), default=str)), folder / RUN_FACTS_FILE)
     if tracking_uri.startswith("sqlite:///") and get_rank() == 0:  # one writer: SQLite
         from voco.tracking import prepare_experiment
 
