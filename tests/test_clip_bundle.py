@@ -69,3 +69,26 @@ def test_two_ranks_with_torchrun_gather_negatives_into_one_run(tmp_path):
     client, run = only_finished_run(tracking_uri, "clip_pretrain", "two-ranks")
     assert "val/metric/zero_shot/mean_auc" in run.data.metrics
     assert (tmp_path / "runs" / "two-ranks" / "checkpoints" / "checkpoint_final.pt").is_file()
+
+
+def test_one_held_out_study_skips_validation_and_too_few_studies_name_the_counts(tmp_path, monkeypatch, capsys):
+    """CLIP needs two studies per step: one held-out study (12 studies, validation_fraction 0.05) is skipped with the
+    sentence the other bundles print, not an error whose advice is already followed; three studies for a batch of
+    four hold none out and stop naming the counts and the setting."""
+    from voco.bundles import run_bundle
+
+    monkeypatch.chdir(tmp_path)
+    run_bundle("clip_pretrain", ["train.json", "smoke.json"], validation_fraction=0.05, max_steps=2, val_interval=2,
+               run_name="one-held-out")
+    out = capsys.readouterr().out
+    assert "validation at step 2: no complete batch of held-out volumes; add volumes or raise validation_fraction" in out
+    assert (tmp_path / "runs" / "one-held-out" / "checkpoints" / "checkpoint_final.pt").is_file()
+    with pytest.raises(Exception) as caught:
+        run_bundle("clip_pretrain", ["train.json", "smoke.json"], run_name="three", manifest=(
+            "$voco.data.phantoms.ensure_phantom_studies(os.path.abspath('runs/three_studies'), n=3, seed=0)"))
+    chain, error = [], caught.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("the training split holds 3 volumes (studies for clip_pretrain), fewer than batch_size 4; lower "
+               "--batch_size to at most 3" in text for text in chain), chain

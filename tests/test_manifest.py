@@ -103,6 +103,22 @@ def test_split_datalist_by_subject_and_seed():
         split_datalist(datalist, 1.0)
 
 
+def test_a_small_manifest_keeps_a_training_batch(caplog):
+    """3 subjects, validation_fraction 0.34, batch 2: one held out, not two (which would leave one volume for a batch
+    of two); 3 subjects and batch 3: none held out, with a warning that validation is skipped."""
+    datalist = [{"image": f"/d/{subject}.nii.gz", "dataset": "D", "subject": f"s{subject}"} for subject in range(3)]
+    assert [len(part) for part in split_datalist(datalist, 0.34)] == [1, 2]  # the old rule, without a batch size
+    assert [len(part) for part in split_datalist(datalist, 0.34, min_training=2)] == [2, 1]
+    with caplog.at_level("WARNING", logger="voco.data.manifest"):
+        training, validation = split_datalist(datalist, 0.34, min_training=3)
+    assert (len(training), validation) == (3, [])
+    assert "would hold out 2 of the 3 subjects" in caplog.text and "validation is skipped" in caplog.text
+    marked = [dict(entry, split="validation") for entry in datalist]
+    with pytest.raises(ManifestError, match="marks 0 scans for training and 3 for validation"):
+        split_datalist(marked, 0.1)
+
+
+
 def _valid() -> dict:
     manifest = manifest_from_records(RECORDS, name="valid")
     return json.loads(json.dumps(manifest))

@@ -271,3 +271,15 @@ def test_a_four_channel_mr_task_fine_tunes_from_a_one_channel_encoder(own_datase
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("benchmark-brain-mr").experiment_id])
     assert run.info.status == "FINISHED" and "best/metric/dice" in run.data.metrics
+
+
+def test_one_case_without_a_validation_list_is_one_sentence(tmp_path):
+    from voco.benchmark.finetune import task_datalists
+
+    path = write_dataset(tmp_path / "one", segmentation_json())
+    with pytest.raises(ManifestError, match="has 1 training case and no 'validation' list"):
+        task_datalists(task_from_dataset(path), tmp_path / "one")
+    two = write_dataset(tmp_path / "two", segmentation_json(training=[
+        {"image": "a.nii.gz", "label": "la.nii.gz"}, {"image": "b.nii.gz", "label": "lb.nii.gz"}]))
+    training, validation = task_datalists(task_from_dataset(two), tmp_path / "two")
+    assert (len(training), len(validation)) == (1, 1)

@@ -54,6 +54,9 @@ def task_datalists(task: Task, dataset_dir: str | Path, *, datalist: str | None 
     if not training:
         raise ManifestError(f"{path} has no 'training' entries; add the labelled cases to fine-tune on.")
     if not validation:  # hold out a fifth of the cases, seeded, where the datalist has no validation list
+        if len(training) < 2:
+            raise ManifestError(f"{path} has {len(training)} training case and no 'validation' list, so none can be "
+                                f"held out to validate on; add cases or a 'validation' list.")
         random.Random(seed).shuffle(training)
         count = max(1, len(training) // 5)
         training, validation = training[count:], training[:count]

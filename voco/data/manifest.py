@@ -321,24 +321,39 @@ def _warn_of_copies(datalist: Sequence[Mapping[str, Any]]) -> None:
 
 
 def split_datalist(datalist: Sequence[Mapping[str, Any]], validation_fraction: float = 0.1,
-                   seed: int = 0) -> tuple[list[dict], list[dict]]:
+                   seed: int = 0, min_training: int = 1) -> tuple[list[dict], list[dict]]:
     """Split into (training, validation) by subject, so no subject's scans land on both sides.
 
     Where scans carry an explicit ``split`` (as Decathlon lists do), that split is kept; otherwise
     a seeded shuffle of the subjects puts ``ceil(validation_fraction * n_subjects)`` of them into
-    validation (at least one when there are two or more subjects and the fraction is positive).
+    validation (at least one when there are two or more subjects and the fraction is positive), but never so many
+    that fewer than `min_training` subjects (the bundles pass their batch size) are left for training: a small
+    manifest trains on every subject and skips validation, with a warning, rather than train on a partial batch.
+
+    Raises:
+        ManifestError: a fraction outside [0, 1), or no training scan at all (naming the counts).
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise ManifestError(f"validation_fraction is {validation_fraction}; use a number in [0, 1).")
     if any("split" in entry for entry in datalist):
         training = [dict(e) for e in datalist if e.get("split", "training") == "training"]
         validation = [dict(e) for e in datalist if e.get("split") == "validation"]
+        if not training:
+            raise ManifestError(f"the manifest marks 0 scans for training and {len(validation)} for validation; "
+                                f"mark some 'training' (or drop the 'split' entries to split by validation_fraction).")
         return training, validation
     subjects = sorted({(e["dataset"], e["subject"]) for e in datalist})
     random.Random(seed).shuffle(subjects)
     count = math.ceil(validation_fraction * len(subjects)) if validation_fraction > 0 else 0
     if validation_fraction > 0 and len(subjects) >= 2:
         count = min(max(count, 1), len(subjects) - 1)
+    spare = max(len(subjects) - max(int(min_training), 1), 0)  # subjects that can be held out
+    if count > spare:
+        logger.warning("validation_fraction %g would hold out %d of the %d subjects and leave fewer than the %d a "
+                       "training batch needs; holding out %d%s. Add subjects or lower batch_size to validate.",
+                       validation_fraction, count, len(subjects), min_training, spare,
+                       " (validation is skipped)" if spare == 0 else "")
+        count = spare
     held_out = set(subjects[:count])
     training = [dict(e) for e in datalist if (e["dataset"], e["subject"]) not in held_out]
     validation = [dict(e) for e in datalist if (e["dataset"], e["subject"]) in held_out]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from ignite.engine import Engine, Events
@@ -128,9 +128,12 @@ class PretextValidation:
             torch.manual_seed(self.seed)
             set_rnd(getattr(self.data_loader, "dataset", None), self.seed)
             with eval_mode(pretext):
+                smallest = getattr(unwrap(pretext), "min_batch_size", 1)
                 for index, batch in enumerate(self.data_loader):
                     if self.max_batches is not None and index >= self.max_batches:
                         break
+                    if _batch_length(batch) < smallest:  # a last batch too small for the pretext (one CLIP study)
+                        continue
                     with autocast(engine.device, getattr(engine, "precision", "fp32")):
                         output = pretext(batch_to_device(batch, engine.device, non_blocking=True))
                     for key, value in scalars(output).items():
@@ -152,6 +155,13 @@ class PretextValidation:
                   "  ".join(f"{key} {value:.4g}" for key, value in metrics.items()), flush=True)
         RunLogger(engine).log_metrics(metrics, step=engine.state.iteration)
         return metrics
+
+
+def _batch_length(batch: Any) -> int:
+    """How many items a batch holds: the first dimension of its first tensor."""
+    tensors = [value for value in (batch.values() if isinstance(batch, Mapping) else batch)
+               if isinstance(value, torch.Tensor)]
+    return int(tensors[0].shape[0]) if tensors else 0
 
 
 class ViewsPicture:

@@ -118,8 +118,11 @@ class PretextTrainer(Trainer):
                               f"({max_bad_steps}) must be >= 1.")
         epoch_length = len(train_data_loader)  # type: ignore[arg-type]
         if epoch_length == 0:
-            raise ConfigError("the training loader yields no batch: fewer volumes than batch_size; lower batch_size "
-                              "or add volumes.")
+            items = len(getattr(train_data_loader, "dataset", ()))
+            batch_size = getattr(train_data_loader, "batch_size", None)
+            raise ConfigError(f"the training loader yields no batch: the training split holds {items} volumes "
+                              f"(studies for clip_pretrain), fewer than batch_size {batch_size}; lower --batch_size "
+                              f"to at most {max(items, 1)} or add volumes.")
         super().__init__(device=torch.device(device), max_epochs=math.ceil(max_steps / epoch_length),
                          data_loader=train_data_loader, epoch_length=epoch_length, non_blocking=non_blocking,
                          handlers=None, decollate=False)

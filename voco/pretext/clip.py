@@ -210,6 +210,9 @@ class CLIPPretext(nn.Module):
      'metric/logit_scale']
     """
 
+    min_batch_size = 2  # studies per step: one study has no negatives (validation skips a last batch of one)
+
+
     def __init__(self, backbone: nn.Module, text_encoder: nn.Module, embedding_dim: int = 512, loss: str = "infonce",
                  initial_temperature: float | None = None, max_logit_scale: float = 100.0,
                  gather_negatives: bool = True, sentence_matching_weight: float = 0.0, seed: int | None = 0) -> None:
