@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import statistics
 from types import SimpleNamespace
 
@@ -149,6 +150,8 @@ def test_run_grid_runs_each_cell_once_and_resumes(tracking_uri, tmp_path, capsys
     assert len(runner.calls) == 7
     assert f"[1/8] {cells[0].run_name}" in out and f"[2/8] skip {cells[1].run_name}: finished" in out
     assert "grid: 7 done, 1 skipped" in out
+    assert re.search(rf"\[1/8\] done {cells[0].run_name} in \d+ s; 7 cells left, about \d+s at this pace", out)
+    assert re.search(rf"\[8/8\] done {cells[7].run_name} in \d+ s\n", out)  # the last: nothing left to estimate
     name, settings = runner.calls[0]
     assert name == cells[0].run_name
     recorded = json.loads(settings.pop("grid_settings"))  # what decides whether a finished run is this cell

@@ -108,3 +108,15 @@ def test_step_logger_warns_once_when_the_embeddings_stay_collapsed():
     assert "at step 10);" in run_logger(lambda step: collapsed, collapse_warmup=0.0, collapse_patience=1)
     # a short run is all warm-up and patience: a smoke run of an untrained encoder says nothing
     assert "warning:" not in run_logger(lambda step: collapsed, max_steps=4, interval=2)
+
+
+def test_progress_lines_give_the_share_the_rate_and_the_time_left():
+    import re
+
+    from voco.engine.handlers import format_duration
+
+    printed = run_logger(lambda step: {"loss": torch.tensor(1.0), "volumes": 2})
+    line = next(line for line in printed.splitlines() if line.startswith("step 50/100"))
+    assert re.match(r"step 50/100  \(50\.0%, [0-9.e+]+ steps/s, ETA (\d+s|\d+m\d\ds)\)  loss 1 ", line), line
+    assert [format_duration(seconds) for seconds in (0.4, 42, 418, 11220, 187200)] == [
+        "0s", "42s", "6m58s", "3h07m", "2d04h"]

@@ -316,6 +316,7 @@ def run_grid(cells: Sequence[Cell], *, dataset_dirs: Mapping[str, Any] | str | o
         ConfigError: before anything runs, for a task without a dataset folder or a checkpoint file that does not
             exist (among the cells still to run).
     """
+    from voco.engine.handlers import format_duration
     from voco.tracking import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()
@@ -328,7 +329,7 @@ def run_grid(cells: Sequence[Cell], *, dataset_dirs: Mapping[str, Any] | str | o
                 cell in to_run or folders[cell.task] is not None):
             raise ConfigError(f"the checkpoint {cell.pretrained} does not exist; give the path of an exported "
                               f"encoder (voco export) or an official VoCo checkpoint.")
-    rows, total = [], len(cells)
+    rows, total, spent = [], len(cells), []
     for index, cell in enumerate(cells, start=1):
         name, prefix = cell.run_name, f"[{index}/{total}]"
         settings = {**cell.settings(), "tracking_uri": tracking_uri, **dict(overrides or {})}
@@ -374,7 +375,11 @@ def run_grid(cells: Sequence[Cell], *, dataset_dirs: Mapping[str, Any] | str | o
             print(f"{prefix} failed {name}: {message}", flush=True)
             rows.append({"cell": cell, "status": "failed", "error": message})
             continue
-        print(f"{prefix} done {name} in {time.perf_counter() - start:.0f} s", flush=True)
+        spent.append(time.perf_counter() - start)
+        left = total - index
+        pace = (f"; {left} cell{'' if left == 1 else 's'} left, about {format_duration(left * sum(spent) / len(spent))}"
+                f" at this pace" if left else "")
+        print(f"{prefix} done {name} in {spent[-1]:.0f} s{pace}", flush=True)
         rows.append({"cell": cell, "status": "done", "error": None})
     counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed")}
     print(f"grid: {counts['done']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed",

@@ -58,6 +58,7 @@ class StepLogger:
     def started(self, engine: Engine) -> None:
         self.run = RunLogger(engine)
         self._clock, self._volumes = time.perf_counter(), 0
+        self._step_clock, self._last_step = self._clock, engine.state.iteration  # a resumed run starts past 0
         self._collapsed_in_a_row, self._warned_of_collapse = 0, False
 
     def iteration_completed(self, engine: Engine) -> None:
@@ -75,11 +76,20 @@ class StepLogger:
         values["numerics/skipped_steps"] = float(getattr(engine.state, "skipped_steps", 0))
         self._clock, self._volumes = time.perf_counter(), 0
         parts = "  ".join(f"{key} {value:.4g}" for key, value in values.items())
-        print(f"step {iteration}/{total}  {parts}", file=self.stream, flush=True)
+        print(f"step {iteration}/{total}  {self.pace(iteration, total)}  {parts}", file=self.stream, flush=True)
         if iteration > self.collapse_warmup * total:
             self.watch_collapse(values, iteration)
         if self.run is not None:
             self.run.log_metrics(values, step=iteration)
+
+    def pace(self, iteration: int, total: int) -> str:
+        """``(4.0%, 2.31 steps/s, ETA 6m58s)``: progress, the rate since the last progress line and the time left
+        to `total` at that rate (what a week-long run's log needs to be read at a glance)."""
+        now = time.perf_counter()
+        rate = (iteration - self._last_step) / max(now - self._step_clock, 1e-9)
+        self._step_clock, self._last_step = now, iteration
+        left = format_duration((total - iteration) / rate) if rate > 0 else "unknown"
+        return f"({100 * iteration / max(total, 1):.1f}%, {rate:.3g} steps/s, ETA {left})"
 
     def watch_collapse(self, values: Mapping[str, float], step: int) -> None:
         """Count the logged steps in a row whose embeddings look collapsed; warn once at `collapse_patience`."""
@@ -155,6 +165,17 @@ class PretextValidation:
                   "  ".join(f"{key} {value:.4g}" for key, value in metrics.items()), flush=True)
         RunLogger(engine).log_metrics(metrics, step=engine.state.iteration)
         return metrics
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``6m58s``, ``3h07m``, ``2d04h``."""
+    seconds = max(int(round(seconds)), 0)
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if days:
+        return f"{days}d{hours % 24:02d}h"
+    if hours:
+        return f"{hours}h{minutes % 60:02d}m"
+    return f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
 
 
 def _batch_length(batch: Any) -> int:
