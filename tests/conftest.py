@@ -113,6 +113,7 @@ def run_bundle_command(bundle: str, config_files: list[str], cwd: Path, *overrid
     import subprocess
 
     command = bundle_command(bundle, config_files, *overrides)
+    tracking_store(cwd)  # every bundle tracks into cwd/runs/mlflow.db by default: start from the migrated template
     if launcher:  # e.g. torchrun in place of the interpreter
         command = list(launcher) + command[1:]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
@@ -120,25 +121,28 @@ def run_bundle_command(bundle: str, config_files: list[str], cwd: Path, *overrid
     return result
 
 
-def smoke_run_with_mlflow(bundle: str, cwd: Path, *overrides: str):
-    """The bundle's train + smoke configs, tracked into ``cwd/runs/mlflow.db`` as run "smoke" -> (tracking_uri, result)."""
+def smoke_run_with_mlflow(bundle: str, cwd: Path, *overrides: str, monai_tracking: bool = True):
+    """The bundle's train + smoke configs, tracked into ``cwd/runs/mlflow.db`` as run "smoke" -> (tracking_uri, result):
+    by MONAI's ``--tracking mlflow`` (the bundle's own handler stands back), or without it (the bundle's default)."""
     tracking_uri = tracking_store(cwd)
-    result = run_bundle_command(bundle, ["train.json", "smoke.json"], cwd, "--tracking", "mlflow",
+    tracking = ["--tracking", "mlflow"] if monai_tracking else []
+    result = run_bundle_command(bundle, ["train.json", "smoke.json"], cwd, *tracking,
                                 "--tracking_uri", tracking_uri, "--run_name", "smoke", *overrides)
     return tracking_uri, result
 
 
 def torchrun_smoke_run(bundle: str, cwd: Path, run_name: str, *overrides: str):
     """The bundle's train + smoke + multi-GPU configs under `torchrun --standalone --nproc_per_node 2` on CPU
-    (gloo), tracked into ``cwd/runs/mlflow.db`` as `run_name` -> (tracking_uri, result)."""
+    (gloo), tracked by default into ``cwd/runs/mlflow.db`` as `run_name` -> (tracking_uri, result)."""
     import sys
 
     tracking_uri = tracking_store(cwd)
     (cwd / "tmp").mkdir(exist_ok=True)  # torchrun's and the ranks' temporary files stay in the test's folder
     environment = dict(os.environ, TMPDIR=str(cwd / "tmp"), OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).parent / "torchrun"
-    result = run_bundle_command(bundle, ["train.json", "smoke.json", "multi_gpu_train.json"], cwd, "--tracking",
-                                "mlflow", "--tracking_uri", tracking_uri, "--run_name", run_name, *overrides,
+    # no --tracking mlflow, as the README's torchrun commands: the bundle tracks by default (rank 0)
+    result = run_bundle_command(bundle, ["train.json", "smoke.json", "multi_gpu_train.json"], cwd,
+                                "--tracking_uri", tracking_uri, "--run_name", run_name, *overrides,
                                 launcher=[str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2"],
                                 env=environment)
     return tracking_uri, result

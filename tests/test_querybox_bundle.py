@@ -5,14 +5,14 @@ from __future__ import annotations
 
 
 import pytest
-from conftest import assert_png_artifacts, only_finished_run, smoke_run_with_mlflow
+from conftest import assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """One smoke run (4 steps of a tiny windowed ViT) with MLflow tracking."""
+    """One smoke run (4 steps of a tiny windowed ViT) tracked by default, without --tracking mlflow."""
     cwd = tmp_path_factory.mktemp("querybox")
-    return (cwd, *smoke_run_with_mlflow("querybox_pretrain", cwd))
+    return (cwd, *smoke_run_with_mlflow("querybox_pretrain", cwd, monai_tracking=False))
 
 
 def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
@@ -25,6 +25,18 @@ def test_smoke_run_trains_and_logs_into_mlflow(smoke_run):
     assert [point.step for point in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
     assert 0.0 <= run.data.metrics["metric/box_iou"] <= 1.0
     assert_png_artifacts(client, run, cwd, ["views/views.png"])
+
+
+def test_mlflow_false_tracks_nothing(smoke_run):
+    import mlflow
+
+    cwd, tracking_uri, _ = smoke_run
+    run_bundle_command("querybox_pretrain", ["train.json", "smoke.json"], cwd, "--mlflow", "False", "--run_name",
+                       "untracked", "--max_steps", "2", "--probe", "False")
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("querybox_pretrain").experiment_id])
+    assert [run.info.run_name for run in runs] == ["smoke"]
+    assert (cwd / "runs" / "untracked" / "checkpoints" / "checkpoint_final.pt").is_file()
 
 
 def test_final_checkpoint_and_vit_export(smoke_run, tmp_path):

@@ -43,18 +43,27 @@ def prepare_experiment(tracking_uri: str, experiment_name: str, artifact_root: s
     return client.create_experiment(experiment_name, artifact_location=location)
 
 
-def attached_mlflow_handler(engine: Any):
-    """The MONAI `MLFlowHandler` attached to an ignite engine (by `--tracking mlflow`), or None."""
+def attached_mlflow_handlers(engine: Any) -> list:
+    """Every MONAI `MLFlowHandler` attached to an ignite engine."""
     try:
         from monai.handlers import MLFlowHandler
     except ImportError:  # monai without mlflow support
-        return None
+        return []
+    found = []
     for handlers in getattr(engine, "_event_handlers", {}).values():
         for handler, *_ in handlers:
             owner = getattr(handler, "__self__", None)
-            if isinstance(owner, MLFlowHandler):
-                return owner
-    return None
+            if isinstance(owner, MLFlowHandler) and all(owner is not known for known in found):
+                found.append(owner)
+    return found
+
+
+def attached_mlflow_handler(engine: Any):
+    """The MONAI `MLFlowHandler` that tracks an ignite engine: the one `--tracking mlflow` attached, else the
+    bundle's default (`voco.engine.handlers.DefaultMLFlowHandler`, which `stands_back`); None without either."""
+    found = attached_mlflow_handlers(engine)
+    chosen = [handler for handler in found if not getattr(handler, "stands_back", False)] or found
+    return chosen[0] if chosen else None
 
 
 class RunLogger:

@@ -19,7 +19,7 @@ name everything as ``voco.engine.<name>``: this package re-exports it.
 from voco.distributed import broadcast_object, distributed_model
 from voco.engine.checkpointing import (TEMPORARY_NAME, AtomicCheckpointSaver, ResumeLoader, RunInfo,
                                        latest_checkpoint, resume_checkpoint)
-from voco.engine.handlers import PretextValidation, StepLogger, ViewsPicture
+from voco.engine.handlers import DefaultMLFlowHandler, PretextValidation, StepLogger, ViewsPicture
 from voco.engine.optimizers import decay_groups
 from voco.engine.random_state import RandomState, unchanged_random_state
 from voco.engine.setup import enabled, prepare_run, required_setting, validation_datalist, warmup_steps
@@ -28,7 +28,7 @@ from voco.run_lock import release_run_folder as release_run
 from voco.engine.trainer import (COUNTERS, EXIT_NON_FINITE, HOST_KEYS, PRECISIONS, PretextTrainer, autocast,
                                  batch_to_device, scalars)
 
-__all__ = ["AtomicCheckpointSaver", "COUNTERS", "EXIT_BAD_DATA", "EXIT_NON_FINITE", "GracefulStop", "HOST_KEYS",
+__all__ = ["AtomicCheckpointSaver", "COUNTERS", "DefaultMLFlowHandler", "EXIT_BAD_DATA", "EXIT_NON_FINITE", "GracefulStop", "HOST_KEYS",
            "PRECISIONS", "PretextTrainer", "PretextValidation", "RandomState", "ResumeLoader", "RunInfo",
            "StepLogger", "TEMPORARY_NAME", "ViewsPicture", "autocast", "batch_to_device", "broadcast_object",
            "decay_groups", "distributed_model", "enabled", "exit_if_stopped", "latest_checkpoint", "prepare_run",

@@ -12,13 +12,47 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from ignite.engine import Engine, Events
 from monai.data.utils import set_rnd
+from monai.handlers import MLFlowHandler
 from monai.networks.utils import eval_mode
 
 from voco.distributed import get_rank, unwrap
 from voco.engine.random_state import unchanged_random_state
 from voco.engine.trainer import autocast, batch_to_device, scalars
 from voco.health import collapse_warning
-from voco.tracking import RunLogger
+from voco.tracking import RunLogger, attached_mlflow_handlers
+
+
+class DefaultMLFlowHandler(MLFlowHandler):
+    """MONAI's `MLFlowHandler`, in every bundle's handler lists, so that every run is tracked (the embedded store
+    ``runs/mlflow.db`` by default; ``--mlflow False`` turns it off) without ``--tracking mlflow``.
+
+    Why our own: MONAI adds its handler only when the command line asks (``--tracking mlflow``), and then beside
+    this one; so this one stands back (logs nothing, opens no run) when another `MLFlowHandler` is attached to the
+    same engine, and one job stays one MLflow run either way."""
+
+    stands_back = True  # `voco.tracking.attached_mlflow_handler` prefers any other
+    deferred = False
+
+    def start(self, engine: Engine) -> None:
+        self.deferred = any(handler is not self for handler in attached_mlflow_handlers(engine))
+        if not self.deferred:
+            super().start(engine)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        if not self.deferred:
+            super().iteration_completed(engine)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        if not self.deferred:
+            super().epoch_completed(engine)
+
+    def complete(self) -> None:
+        if not self.deferred:
+            super().complete()
+
+    def close(self) -> None:
+        if not self.deferred:
+            super().close()
 
 
 class StepLogger:
