@@ -309,8 +309,8 @@ def test_write_report_files(results_store, tmp_path):
     lines = markdown.splitlines()
     assert lines[0].startswith("| task | encoder | mode |") and lines[1].startswith("|---|")
     assert lines[2] == ("| btcv | VoCo_B | finetune | swin-B | all | Dice | 3 | 82.33 ± 2.52 | 86.64 | "
-                        "VoCo (size not stated) | -4.31 |")
-    assert lines[4] == "| phantom-seg | scratch | scratch | swin-B | all | Dice | 1 | 42.00 | n/a | - | - |"
+                        "VoCo (size not stated) | -4.31 |  |")
+    assert lines[4] == "| phantom-seg | scratch | scratch | swin-B | all | Dice | 1 | 42.00 | n/a | - | - |  |"
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

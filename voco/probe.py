@@ -235,14 +235,18 @@ class FrozenProbe:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.STARTED, self._started)
+        # before the first step of a new run, not at STARTED: a resumed run restores its iteration in a STARTED
+        # handler that may come after this one, and its first iteration is then not 1
+        engine.add_event_handler(Events.ITERATION_STARTED(once=1), self._at_init)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self._final)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._log_unlogged)
 
     def _started(self, engine: Any) -> None:
         self._started_at = time.perf_counter()
-        if engine.state.iteration == 0:
-            self(engine, at_init=True)
+
+    def _at_init(self, engine: Any) -> None:
+        self(engine, at_init=True)
 
     def _log_unlogged(self, engine: Any) -> None:
         from voco.tracking import RunLogger
@@ -267,6 +271,7 @@ class FrozenProbe:
 
         if get_rank() != 0:
             return {}
+        step = 0 if at_init else engine.state.iteration
         started = time.perf_counter()
         metrics = probe_dice(encoder_of(engine.network), self._load(), engine.device, **self.probe_options)
         self.seconds += time.perf_counter() - started
@@ -275,11 +280,11 @@ class FrozenProbe:
         metrics["probe/seconds"] = self.seconds
         metrics["probe/time_share"] = self.seconds / max(time.perf_counter() - self._started_at, 1e-9)
         cost = "untrained encoder" if at_init else f"{metrics['probe/time_share']:.1%} of the run's time so far"
-        print(f"probe at step {engine.state.iteration}: dice {metrics['probe/dice']:.4f}  ({cost}, "
+        print(f"probe at step {step}: dice {metrics['probe/dice']:.4f}  ({cost}, "
               f"{time.perf_counter() - started:.1f} s)", flush=True)
         # not into engine.state.metrics: MONAI's MLflow handler would log them again at every iteration
         if RunLogger(engine).active:
-            RunLogger(engine).log_metrics(metrics, step=engine.state.iteration)
-        elif RunLogger(engine).handler is not None:  # at STARTED the MLflow handler may not have opened the run yet
-            self._unlogged.append((metrics, engine.state.iteration))
+            RunLogger(engine).log_metrics(metrics, step=step)
+        elif RunLogger(engine).handler is not None:  # the MLflow handler may not have opened the run yet
+            self._unlogged.append((metrics, step))
         return metrics
