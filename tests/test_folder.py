@@ -230,6 +230,29 @@ def test_first_level_subject_folders_make_one_dataset(tmp_path):
     assert {(r["dataset"], r["subject"]) for r in forced} == {("atlas", "AbdomenAtlas")}
 
 
+def test_subject_pattern_groups_the_scans_of_one_patient(tmp_path, caplog):
+    """BIDS-like names in one folder: without a pattern every file is its own subject; `--subject_pattern` groups
+    them, a named group wins, an unmatched scan keeps its default subject with a warning, a bad regex is a sentence."""
+    root = tmp_path / "study"
+    for name in ("sub-01_T1w", "sub-01_T2w", "sub-02_T1w", "phantom"):
+        write_nifti(root / f"{name}.nii.gz", ramp())
+    default, _ = scan_folder(root)
+    assert sorted(r["subject"] for r in default) == ["phantom", "sub-01_T1w", "sub-01_T2w", "sub-02_T1w"]
+    with caplog.at_level("WARNING", logger="voco.data.folder"):
+        grouped, problems = scan_folder(root, subject_pattern=r"sub-(\d+)")
+    assert problems == []
+    assert sorted((r["subject"], r["scan"]["image"]) for r in grouped) == [
+        ("01", "sub-01_T1w.nii.gz"), ("01", "sub-01_T2w.nii.gz"), ("02", "sub-02_T1w.nii.gz"),
+        ("phantom", "phantom.nii.gz")]
+    assert "1 scans (e.g. phantom.nii.gz) do not match --subject_pattern" in caplog.text
+    named, _ = scan_folder(root, subject_pattern=r"(T\dw)|(?P<subject>sub-\d+)")
+    assert {r["subject"] for r in named} >= {"sub-01", "sub-02"}
+    path, _ = build_manifest_from_folder(root, output=tmp_path / "m.json", subject_pattern=r"sub-(\d+)")
+    assert manifest_stats(path).splitlines()[0].endswith("subjects 3, studies 3, scans 4, labels 0, reports 0")
+    with pytest.raises(ManifestError, match=r"--subject_pattern 'sub-\(\\d\+' is not a regular expression"):
+        scan_folder(root, subject_pattern=r"sub-(\d+")
+
+
 # ----------------------------------------------------------------------------------------------- real sample volumes
 
 
@@ -395,10 +418,14 @@ def test_manifest_stats_counts_and_ranges(mixed_tree, tmp_path):
     task = text[text.index("dataset Task01"):].split("\n\n")[0]
     assert "modality CT, preset ct_abdomen" in task
     assert "subjects 3, studies 3, scans 3, labels 2, reports 0" in task
-    assert "min 16 × 16 × 16   median 16 × 16 × 16   max 16 × 16 × 16" in task
+    assert "shape (voxels)  all 16 × 16 × 16\n" in task
     scans = text[text.index("dataset Scans"):].split("\n\n")[0]
     assert "subjects 4, studies 4, scans 5, labels 0, reports 0" in scans
-    assert "spacing         min 0.5 × 0.5 × 2   median 0.7 × 0.75 × 2.5   max 1 × 1.25 × 5 mm" in scans
+    # extremes are real scans (by voxel count and voxel volume), not per-axis minima from different scans
+    assert "shape (voxels)  smallest 16 × 16 × 4 (dicom series " in scans
+    assert "median per axis 16 × 16 × 8   largest 16 × 16 × 16 (nifti_case.nii.gz)" in scans
+    assert "spacing         finest 0.5 × 0.75 × 2 mm (dicom series " in scans
+    assert "median per axis 0.7 × 0.75 × 2.5 mm   coarsest 1 × 1.25 × 2 mm (mha_case.mha)" in scans
     assert "orientation     LPS 4, RAS 1" in scans
     # Without recorded facts the headers are read instead.
     manifest = json.loads(path.read_text(encoding="utf-8"))

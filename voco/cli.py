@@ -27,18 +27,22 @@ class ManifestCommands:
     """Describe data once: build a manifest from a folder, check every entry, summarise it."""
 
     def build(self, directory: str, modality: str = "CT", output: str = "manifest.json", name: str | None = None,
-              preset: str | None = None, dataset: str | None = None, voxels: bool = False) -> None:
+              preset: str | None = None, dataset: str | None = None, voxels: bool = False,
+              subject_pattern: str | None = None) -> None:
         """Scan DIRECTORY for NIfTI, NRRD, MHA/MHD and DICOM series and write a manifest.
 
         Headers only by default (fast); --voxels also reads every voxel (catches truncated files and NaN).
-        --dataset puts everything into one dataset of that name. Bad files are reported and skipped; the
+        --dataset puts everything into one dataset of that name. --subject_pattern 'sub-(\\d+)' groups the scans
+        whose paths (below their dataset folder) give the same first group into one subject; DICOM series are
+        grouped by PatientID without it. Bad files are reported and skipped; the
         good ones are still written.
         """
         from voco.data.folder import build_manifest_from_folder
 
         start = time.perf_counter()
         path, problems = build_manifest_from_folder(directory, output=output, modality=modality, name=name,
-                                                    preset=preset, dataset=dataset, read_voxels=voxels)
+                                                    preset=preset, dataset=dataset, read_voxels=voxels,
+                                                    subject_pattern=subject_pattern)
         for problem in problems:
             print(f"skipped: {problem}")
         from voco.data.manifest import load_manifest, to_datalist

@@ -8,8 +8,9 @@ How a folder tree becomes datasets / subjects / studies / scans:
   look like subjects instead (no volume at the top and the same relative file, e.g. ``ct.nii.gz``, in several of
   them, as in TotalSegmentator or AbdomenAtlas), or when `dataset` is given, the whole folder is one dataset and
   its first-level folders are subjects.
-- subject: the DICOM PatientID; else the first folder below the dataset that is not a role folder; else the file
-  name without its extension (and without an nnU-Net channel suffix ``_0000``).
+- subject: what `--subject_pattern` (a regular expression) finds in the scan's path below the dataset; else the
+  DICOM PatientID; else the first folder below the dataset that is not a role folder; else the file name without
+  its extension (and without an nnU-Net channel suffix ``_0000``).
 - study: the DICOM StudyInstanceUID, else "0".
 - scan: one file, or one DICOM series (files grouped by series with itk's GDCMSeriesFileNames).
 - labels: files in ``labelsTr`` / ``labels`` / ``masks`` / ``segmentations`` folders, or named ``*_seg`` /
@@ -258,8 +259,29 @@ def _round(values: Iterable[float]) -> list[float]:
     return [round(float(value), 6) for value in values]
 
 
+def subject_matcher(pattern: str | None) -> re.Pattern | None:
+    """The compiled `--subject_pattern`: a regular expression searched in a scan's path relative to its dataset
+    folder, whose group ``subject`` (or else its first group, or else the whole match) names the subject."""
+    if pattern is None or pattern == "":
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ManifestError(f"--subject_pattern '{pattern}' is not a regular expression ({error}); give one such "
+                            f"as 'sub-(\\d+)' or '(?P<subject>patient\\d+)_'.") from None
+
+
+def _subject_from_pattern(matcher: re.Pattern, relative: str) -> str | None:
+    match = matcher.search(relative)
+    if match is None:
+        return None
+    if "subject" in matcher.groupindex:
+        return match.group("subject")
+    return match.group(1) if matcher.groups else match.group(0)
+
+
 def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: str | None = None,
-                read_voxels: bool = False) -> tuple[list[dict], list[str]]:
+                read_voxels: bool = False, subject_pattern: str | None = None) -> tuple[list[dict], list[str]]:
     """Find every volume under `directory` and describe it as a manifest record, reading headers only.
 
     Args:
@@ -268,6 +290,9 @@ def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: 
             own modality and that modality's default preset.
         dataset: put everything into one dataset of this name (first-level folders become subjects).
         read_voxels: also read every voxel (slow; catches truncated files and NaN / infinite voxels).
+        subject_pattern: a regular expression that names the subject from a scan's path relative to its dataset
+            (`subject_matcher`), e.g. ``sub-(\\d+)`` to group ``sub-01_T1w.nii.gz`` and ``sub-01_T2w.nii.gz``;
+            scans it does not match keep the default subject (with a warning naming one of them).
 
     Returns:
         (records, problems): records as `voco.data.manifest.manifest_from_records` takes them,
@@ -279,6 +304,7 @@ def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: 
     if not root.is_dir():
         raise ManifestError(f"folder {root} does not exist; give the folder that holds the volumes.")
     modality = normalize_modality(modality, f"scan of {root}")
+    matcher = subject_matcher(subject_pattern)
     problems: list[str] = []
     files, dicom_folders = _walk(root, problems)
     channel_folders = _strip_channel_folders(files)
@@ -308,7 +334,7 @@ def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: 
         found.extend(_dicom_series(folder, read_voxels, problems))
 
     one_dataset = dataset is not None or _first_level_holds_subjects(root, [volume for volume, _ in found])
-    records = []
+    records, unmatched = [], []
     for volume, header in found:
         parts = volume.path.relative_to(root).parts
         folder_parts = parts if volume.series is not None else parts[:-1]
@@ -323,6 +349,12 @@ def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: 
             subject = volume.tags.get(PATIENT_ID) or (subject_folders[0] if subject_folders else volume.path.name)
         else:
             subject = subject_folders[0] if subject_folders else _case_name(volume.path, channel_folders)
+        if matcher is not None:
+            named = _subject_from_pattern(matcher, "/".join([*inner, *([] if volume.series else parts[-1:])]))
+            if named:
+                subject = named
+            else:
+                unmatched.append(volume.path.relative_to(root).as_posix())
         scan: dict[str, Any] = {"image": volume.path.relative_to(root).as_posix() or "."}
         if volume.label is not None:
             scan["label"] = volume.label.relative_to(root).as_posix()
@@ -336,12 +368,16 @@ def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: 
         scan.update(shape=list(header.spatial_shape), spacing=_round(header.spacing), orientation=header.orientation)
         records.append({"dataset": dataset_name, "subject": subject, "study": volume.tags.get(STUDY_UID, "0"),
                         "scan": scan})
+    if unmatched:
+        logger.warning(f"{len(unmatched)} scans (e.g. {unmatched[0]}) do not match --subject_pattern "
+                        f"'{subject_pattern}' and keep the subject of the folder layout; they are in the manifest.")
     return records, problems
 
 
 def build_manifest_from_folder(directory: str | os.PathLike, *, output: str | os.PathLike = "manifest.json",
                                modality: str = "CT", name: str | None = None, preset: str | None = None,
-                               dataset: str | None = None, read_voxels: bool = False) -> tuple[Path, list[str]]:
+                               dataset: str | None = None, read_voxels: bool = False,
+                               subject_pattern: str | None = None) -> tuple[Path, list[str]]:
     """Scan `directory` and write its manifest to `output` (atomically); bad files are reported and left out.
 
     The manifest's ``dataset_dir`` is the scanned folder relative to the manifest file, and image paths are
@@ -354,7 +390,8 @@ def build_manifest_from_folder(directory: str | os.PathLike, *, output: str | os
         ManifestError: the folder does not exist or holds no readable volume.
     """
     root = Path(directory).expanduser().resolve()
-    records, problems = scan_folder(root, modality=modality, dataset=dataset, read_voxels=read_voxels)
+    records, problems = scan_folder(root, modality=modality, dataset=dataset, read_voxels=read_voxels,
+                                    subject_pattern=subject_pattern)
     if not records:
         detail = f" ({len(problems)} files were skipped, e.g. {problems[0]!r})" if problems else ""
         raise ManifestError(f"folder {root} holds no readable volume{detail}; give a folder with NIfTI, NRRD, "

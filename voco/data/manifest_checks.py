@@ -7,7 +7,7 @@ import math
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -96,20 +96,30 @@ def format_problem_table(rows: Sequence[Mapping[str, str]], scans: int | None = 
 # Summary
 
 
-def _axis_ranges(values: list[Sequence[float]], unit: str) -> str:
-    """Min / median / max per axis of a list of 3-vectors, e.g. ``min 117 × 91 × 20   median ...``."""
-    table = np.asarray(values, dtype=float)
+def _extremes(scans: list[tuple[str, Sequence[float]]], words: tuple[str, str], unit: str) -> str:
+    """The smallest and largest scan by the product of a 3-vector (voxel count, voxel volume), each with its own
+    three values and name, and the median per axis between them: extremes a real scan has, not per-axis minima
+    that come from different scans. E.g. ``smallest 16 × 16 × 4 (a.nii.gz)   median per axis ...``."""
+    def text(row: Sequence[float]) -> str:
+        return " × ".join(f"{float(value):g}" for value in row) + (f" {unit}" if unit else "")
 
-    def text(row: np.ndarray) -> str:
-        return " × ".join(f"{value:g}" for value in row)
+    if all(list(values) == list(scans[0][1]) for _, values in scans):
+        return f"all {text(scans[0][1])}"
+    products = [float(np.prod(values)) for _, values in scans]
+    low, high = scans[int(np.argmin(products))], scans[int(np.argmax(products))]
+    median = np.median(np.asarray([values for _, values in scans], dtype=float), axis=0)
+    return (f"{words[0]} {text(low[1])} ({low[0]})   median per axis {text(median)}   "
+            f"{words[1]} {text(high[1])} ({high[0]})")
 
-    return (f"min {text(table.min(axis=0))}   median {text(np.median(table, axis=0))}   "
-            f"max {text(table.max(axis=0))} {unit}").rstrip()
+
+def _scan_name(entry: Mapping[str, Any]) -> str:
+    name = Path(entry["image"]).name
+    return f"{name} series {entry['series']}" if entry.get("series") else name
 
 
 def manifest_stats(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None) -> str:
     """A plain-text summary of a manifest, per dataset: counts of subjects / studies / scans / labels / reports,
-    modality, preset, and the min / median / max of shape and spacing per axis (from the recorded header facts,
+    modality, preset, the smallest / largest scan and the per-axis median of shape and of spacing (from the recorded header facts,
     or read from the file headers where the manifest does not record them)."""
     manifest = load_manifest(path)
     datalist = to_datalist(manifest, dataset_dir=dataset_dir)
@@ -140,8 +150,8 @@ def manifest_stats(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | 
                 shape, spacing = header.spatial_shape, header.spacing
                 orientation = orientation or header.orientation
             if len(shape) == 3 and len(spacing) == 3:
-                shapes.append(shape)
-                spacings.append(spacing)
+                shapes.append((_scan_name(entry), shape))
+                spacings.append((_scan_name(entry), spacing))
             if orientation:
                 orientations[orientation] += 1
         modality = normalize_modality(dataset["modality"], dataset["name"])
@@ -152,8 +162,8 @@ def manifest_stats(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | 
         if len(scan_modalities) > 1:
             lines.append("  scan modalities: " + ", ".join(f"{name} {count}" for name, count in scan_modalities.items()))
         if shapes:
-            lines.append("  shape (voxels)  " + _axis_ranges(shapes, ""))
-            lines.append("  spacing         " + _axis_ranges(spacings, "mm"))
+            lines.append("  shape (voxels)  " + _extremes(shapes, ("smallest", "largest"), ""))
+            lines.append("  spacing         " + _extremes(spacings, ("finest", "coarsest"), "mm"))
         if orientations:
             lines.append("  orientation     " + ", ".join(f"{code} {count}" for code, count in orientations.most_common()))
         if unreadable:
