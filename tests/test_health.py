@@ -113,10 +113,76 @@ def test_step_logger_warns_once_when_the_embeddings_stay_collapsed():
 def test_progress_lines_give_the_share_the_rate_and_the_time_left():
     import re
 
-    from voco.engine.handlers import format_duration
+    from voco.progress import format_duration
 
     printed = run_logger(lambda step: {"loss": torch.tensor(1.0), "volumes": 2})
     line = next(line for line in printed.splitlines() if line.startswith("step 50/100"))
     assert re.match(r"step 50/100  \(50\.0%, [0-9.e+]+ steps/s, ETA (\d+s|\d+m\d\ds)\)  loss 1 ", line), line
     assert [format_duration(seconds) for seconds in (0.4, 42, 418, 11220, 187200)] == [
         "0s", "42s", "6m58s", "3h07m", "2d04h"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_periodic_lines_in_a_log(monkeypatch):
+    from voco.progress import Progress
+
+    terminal = _Terminal()
+    with Progress(4, "volumes read", stream=terminal) as progress:
+        for _ in range(4):
+            progress.update()
+    frames = terminal.getvalue().split("\r")[1:]
+    assert len(frames) == 4 and frames[0].startswith("[######..................] 1/4 volumes read (25.0%, ")
+    assert "ETA" in frames[0] and frames[-1].startswith("[" + "#" * 24 + "] 4/4 volumes read (100.0%")
+    assert terminal.getvalue().endswith("\n")
+    log = io.StringIO()  # a cluster log: one plain line per `every_s` seconds, none for work quicker than that
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr("voco.progress.time.perf_counter", lambda: float(next(clock)))
+    with Progress(5, "scans checked", stream=log, every_s=25) as progress:
+        for _ in range(5):
+            progress.update()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 2, lines  # at 30 s (3 done), and the closing line
+    assert lines[0].startswith("3/5 scans checked (60.0%, ") and "ETA" in lines[0]
+    assert lines[1].startswith("5/5 scans checked (100.0%, ") and "ETA" not in lines[1]
+    quiet = io.StringIO()
+    with Progress(5, "scans checked", stream=quiet, minimum=200) as progress:
+        progress.update(5)
+    assert quiet.getvalue() == ""
+
+
+def test_manifest_build_shows_its_bar_on_a_terminal(tmp_path, monkeypatch, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from voco.data import folder
+
+    for index in range(3):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), str(tmp_path / f"case{index}.nii.gz"))
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr(folder, "PROGRESS_MINIMUM", 1)
+    records, _ = folder.scan_folder(tmp_path)
+    assert len(records) == 3 and f"] 3/3 volumes read under {tmp_path.resolve()} (100.0%" in terminal.getvalue()
+
+
+def test_memory_cache_fill_shows_its_bar_and_keeps_failed_volumes(monkeypatch):
+    from monai import transforms as mt
+
+    from voco.data import regions
+
+    def load(item):
+        if item["image"] == 2:
+            raise ValueError("damaged")
+        return {"image": torch.full((1, 2, 2, 2), float(item["image"]))}
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr(regions, "CACHE_PROGRESS_MINIMUM", 1)
+    dataset = regions.cached_dataset([{"image": index} for index in range(4)], mt.Compose([mt.Lambda(load)]), "memory",
+                                     num_cache_workers=2)
+    assert "] 4/4 volumes cached in memory (100.0%" in terminal.getvalue()
+    assert float(dataset[3]["image"].max()) == 3.0 and isinstance(dataset._cache[2], regions._FailedVolume)

@@ -316,7 +316,7 @@ def run_grid(cells: Sequence[Cell], *, dataset_dirs: Mapping[str, Any] | str | o
         ConfigError: before anything runs, for a task without a dataset folder or a checkpoint file that does not
             exist (among the cells still to run).
     """
-    from voco.engine.handlers import format_duration
+    from voco.progress import format_duration
     from voco.tracking import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()

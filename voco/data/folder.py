@@ -33,6 +33,7 @@ from voco.data.manifest import (DEFAULT_PRESETS, MODALITY_ALIASES, manifest_from
 from voco.data.volumes import (VolumeHeader, dicom_series_names, dicom_tags, file_stem, header_problems,
                                image_format, inspect_volume, one_line, read_dicom_header)
 from voco.errors import ManifestError, MissingDependencyError, VolumeError
+from voco.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # DICOM tags read per series: PatientID, StudyInstanceUID, SeriesDescription, Modality.
 PATIENT_ID, STUDY_UID, SERIES_DESCRIPTION, DICOM_MODALITY = "0010|0020", "0020|000d", "0008|103e", "0008|0060"
 NON_IMAGE_DICOM = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "RWV"})
-PROGRESS_EVERY = 500
+PROGRESS_MINIMUM = 200  # fewer files than this read in seconds: no progress shown
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,10 +312,10 @@ def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: 
     candidates = _pair_labels(files, channel_folders, problems)
 
     found: list[tuple[_Volume, VolumeHeader]] = []
-    for count, volume in enumerate(candidates, start=1):
+    progress = Progress(len(candidates) + len(dicom_folders), f"volumes read under {root}", minimum=PROGRESS_MINIMUM)
+    for volume in candidates:
         header, volume_problems = inspect_volume(volume.path, read_voxels=read_voxels)
-        if count % PROGRESS_EVERY == 0:
-            logger.info("read %d of %d volume headers under %s", count, len(candidates), root)
+        progress.update()
         if volume_problems:
             problems.extend(volume_problems)
             continue
@@ -332,6 +333,8 @@ def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: 
         found.append((volume, header))
     for folder in dicom_folders:
         found.extend(_dicom_series(folder, read_voxels, problems))
+        progress.update()
+    progress.close()
 
     one_dataset = dataset is not None or _first_level_holds_subjects(root, [volume for volume, _ in found])
     records, unmatched = [], []

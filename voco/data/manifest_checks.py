@@ -11,10 +11,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from voco.data.folder import PROGRESS_EVERY
+from voco.data.folder import PROGRESS_MINIMUM
 from voco.data.manifest import DEFAULT_PRESETS, load_manifest, normalize_modality, to_datalist
 from voco.data.volumes import inspect_volume, read_header
 from voco.errors import VolumeError
+from voco.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,8 @@ def check_manifest(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | 
     datalist = to_datalist(load_manifest(path), dataset_dir=dataset_dir)
     rows = ProblemRows()
     rows.scans = len(datalist)
-    for count, entry in enumerate(datalist, start=1):
-        if count % PROGRESS_EVERY == 0:
-            logger.info("checked %d of %d scans of %s", count, len(datalist), path)
+    progress = Progress(len(datalist), f"scans checked of {path}", minimum=PROGRESS_MINIMUM)
+    for entry in datalist:
         where = f"{entry['dataset']}/{entry['subject']}/{entry['study']}/{entry['scan_index']}"
         header, problems = inspect_volume(entry["image"], read_voxels=read_voxels, series=entry.get("series"))
         if header is not None and not problems:
@@ -69,6 +69,8 @@ def check_manifest(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | 
                 label_problems.append(f"{entry['label']} has the shape {list(label_header.spatial_shape)} but its "
                                       f"image has {list(header.spatial_shape)}; give the label of this image.")
             rows.extend({"entry": where, "path": entry["label"], "problem": problem} for problem in label_problems)
+        progress.update()
+    progress.close()
     return rows
 
 

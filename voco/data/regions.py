@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +32,7 @@ from voco.data.manifest import load_manifest, to_datalist
 from voco.data.compact import ExpandIntensityd, UnpackCompactd, compact_transforms, stored_dtype
 from voco.data.presets import Preset, get_preset
 from voco.errors import ConfigError, VocoError, VolumeError
+from voco.progress import Progress
 from voco.distributed import get_rank, world_size as ranks
 from voco.seeding import random_transform_generators
 
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 BAD_VOLUME_POLICIES = ("skip", "stop")
 CACHE_MODES = ("disk", "memory", "none")
+CACHE_PROGRESS_MINIMUM = 50  # volumes: a smaller memory cache fills in seconds
 # Part of the disk-cache key: bump it whenever what a cache file holds changes, so old folders are never read.
 CACHE_FORMAT = 2
 # Keys every region item carries, whatever extra facts the manifest entries hold (so batches always collate).
@@ -197,7 +200,21 @@ class _FailedVolume:
 
 
 class TolerantCacheDataset(CacheDataset):
-    """CacheDataset that remembers a failed volume instead of failing the whole cache fill at start."""
+    """CacheDataset that remembers a failed volume instead of failing the whole cache fill at start, and shows
+    the fill's progress (`voco.progress`: MONAI shows it only through tqdm, which voco does not depend on)."""
+
+    def _fill_cache(self, indices=None) -> list:
+        if self.cache_num <= 0:
+            return []
+        indices = list(range(self.cache_num)) if indices is None else list(indices)
+        items = []
+        with ThreadPool(self.num_workers) as pool, \
+                Progress(len(indices), "volumes cached in memory", minimum=CACHE_PROGRESS_MINIMUM,
+                         enabled=get_rank() == 0) as progress:
+            for item in pool.imap(self._load_cache_item, indices):
+                items.append(item)
+                progress.update()
+        return items
 
     def _load_cache_item(self, idx: int):
         try:

@@ -19,6 +19,7 @@ from voco.distributed import get_rank, unwrap
 from voco.engine.random_state import unchanged_random_state
 from voco.engine.trainer import autocast, batch_to_device, scalars
 from voco.health import collapse_warning
+from voco.progress import format_duration
 from voco.tracking import RunLogger, attached_mlflow_handlers
 
 
@@ -199,17 +200,6 @@ class PretextValidation:
                   "  ".join(f"{key} {value:.4g}" for key, value in metrics.items()), flush=True)
         RunLogger(engine).log_metrics(metrics, step=engine.state.iteration)
         return metrics
-
-
-def format_duration(seconds: float) -> str:
-    """``42s``, ``6m58s``, ``3h07m``, ``2d04h``."""
-    seconds = max(int(round(seconds)), 0)
-    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
-    if days:
-        return f"{days}d{hours % 24:02d}h"
-    if hours:
-        return f"{hours}h{minutes % 60:02d}m"
-    return f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
 
 
 def _batch_length(batch: Any) -> int:
