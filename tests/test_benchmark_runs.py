@@ -405,3 +405,26 @@ def test_the_guard_refuses_a_limit_below_one():
 
     with pytest.raises(ConfigError, match="max_bad_steps must be at least 1"):
         NonFiniteLossGuard(0)
+
+
+def test_validation_picture_keeps_the_best_epochs_case(tmp_path):
+    """Drawn after the first validation and after each that improves the key metric; a worse epoch leaves the
+    best epoch's picture in place. Radiological convention with orientation letters (`show_axial`)."""
+    import torch
+    from ignite.engine import Engine
+
+    from voco.benchmark.finetune import ValidationPicture
+
+    label = torch.zeros(2, 8, 8, 4)
+    label[0], label[1, 2:5, 2:5, 1:3], label[0, 2:5, 2:5, 1:3] = 1, 1, 0
+    case = {"image": torch.rand(1, 8, 8, 4), "label": label, "pred": label}
+    engine = Engine(lambda engine, batch: None)
+    picture = ValidationPicture(tmp_path, get_task("phantom-seg"))
+    path = tmp_path / "validation_case.png"
+    drawn = []
+    for epoch, best_epoch in [(1, -1), (2, 2), (3, 2), (4, 4)]:  # epoch 1 scores NaN: MONAI keeps best epoch -1
+        engine.state.epoch, engine.state.output, engine.state.best_metric_epoch = epoch, [case], best_epoch
+        engine.state.metrics = {"metric/dice": 0.5}
+        drawn.append(picture(engine) is not None)
+    assert drawn == [True, True, False, True] and picture.drawn_epoch == 4
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

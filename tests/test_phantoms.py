@@ -233,3 +233,38 @@ def test_a_written_set_is_readable_by_colleagues_under_the_umask(tmp_path):
         os.umask(previous)
     assert (tmp_path / "set").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "set" / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def _rendered(figure) -> np.ndarray:
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(float)
+
+
+def test_pictures_are_in_radiological_convention_with_orientation_letters(tmp_path):
+    """A phantom written in LPS, read and turned to RAS as every pipeline does, drawn with `show_axial`: the
+    liver (the patient's right) on the image's left, the aorta (anterior) above the spine, letters R L A P."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+
+    from voco.pretext.views import new_figure, show_axial
+
+    phantom = make_phantom(6, shape=(40, 36, 20), spacing=(2.0, 2.0, 4.0), orientation="LPS", lesion_probability=0.0)
+    phantom.save(tmp_path / "image.nii.gz", tmp_path / "label.nii.gz")
+    loaded = Compose([LoadImaged(["label"]), EnsureChannelFirstd(["label"]),
+                      Orientationd(["label"], axcodes="RAS", labels=None)])({"label": str(tmp_path / "label.nii.gz")})
+    label = loaded["label"][0].numpy()
+    z = int(round(centroid(label, "liver")[2]))
+    drawn = {}
+    for organ in ("liver", "spleen", "aorta", "spine"):
+        figure, axes = new_figure(3.0, 3.0, 1, 1)
+        show_axial(axes[0, 0], (label[:, :, z] == CLASS_INDEX[organ]).astype(float), letters=True, cmap="gray",
+                   vmin=0, vmax=1)
+        assert [text.get_text() for text in axes[0, 0].texts] == ["R", "L", "A", "P"]
+        pixels = _rendered(figure)
+        box = axes[0, 0].get_window_extent()  # display coordinates: y from the bottom
+        inside = pixels[int(pixels.shape[0] - box.y1) + 1:int(pixels.shape[0] - box.y0) - 1,
+                        int(box.x0) + 1:int(box.x1) - 1]
+        bright = np.argwhere(inside.min(axis=-1) > 200)  # the white organ (the letters are yellow)
+        assert len(bright) > 20, f"no {organ} in slice {z}"
+        drawn[organ] = bright.mean(axis=0)  # (row, column) on the image
+    assert drawn["liver"][1] < drawn["spleen"][1], "the patient's right (liver) on the image's left"
+    assert drawn["aorta"][0] < drawn["spine"][0], "anterior (aorta) above posterior (spine)"

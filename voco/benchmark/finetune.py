@@ -21,7 +21,7 @@ from monai.inferers import SimpleInferer, SlidingWindowInferer
 
 from voco.benchmark.own_data import read_datalist
 from voco.benchmark.registry import Task
-from voco.errors import ConfigError, ManifestError, VocoError, optional_import
+from voco.errors import ConfigError, ManifestError, VocoError
 from voco.tracking import RunLogger
 
 FINETUNE_TYPES = ("segmentation", "classification")
@@ -242,10 +242,13 @@ class PerClassMetrics:
 
 
 class ValidationPicture:
-    """After each validation: the middle slice of one case — image, ground truth, prediction — as a PNG artifact."""
+    """After a validation that gives the best key metric so far (and after the first): the most labelled axial
+    slice of one case — image, ground truth, prediction — in radiological convention with orientation letters,
+    as a PNG artifact. The picture of a run is thus its best epoch's, not its last's."""
 
     def __init__(self, output_dir: str | Path, task: Task, file_name: str = "validation_case.png") -> None:
         self.output_dir, self.task, self.file_name = Path(output_dir), task, file_name
+        self.drawn_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -253,28 +256,30 @@ class ValidationPicture:
     def __call__(self, engine: Engine) -> Path | None:
         if self.task.task_type != "segmentation" or not engine.state.output:
             return None
-        plt = optional_import("matplotlib.pyplot", "drawing the validation picture")
+        # MONAI's evaluator updates best_metric_epoch before the handlers run (a plain engine has none: draw)
+        best_epoch = getattr(engine.state, "best_metric_epoch", engine.state.epoch)
+        if self.drawn_epoch is not None and best_epoch != engine.state.epoch:
+            return None
+        from voco.pretext.views import new_figure, save_figure, show_axial
+
         case = engine.state.output[0]
         image = torch.as_tensor(case["image"])[0].float().cpu()
         label = torch.as_tensor(case["label"]).argmax(0).cpu()
         prediction = torch.as_tensor(case["pred"]).argmax(0).cpu()
         z = int(label.sum(dim=(0, 1)).argmax()) if label.any() else image.shape[-1] // 2  # the most labelled slice
-        figure, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-        for axis, (title, data, overlay) in zip(axes, [("image", image, None), ("ground truth", image, label),
-                                                        ("prediction", image, prediction)]):
-            axis.imshow(data[:, :, z].T, cmap="gray", origin="lower")
+        figure, axes = new_figure(9.0, 3.4, 1, 3)
+        for axis, (title, overlay) in zip(axes[0], [("image", None), ("ground truth", label),
+                                                    ("prediction", prediction)]):
+            show_axial(axis, image[:, :, z], letters=True, cmap="gray")
             if overlay is not None:
                 masked = torch.where(overlay[:, :, z] > 0, overlay[:, :, z].float(), torch.tensor(float("nan")))
-                axis.imshow(masked.T, cmap="tab20", alpha=0.5, origin="lower", vmin=0, vmax=max(self.task.out_channels, 2))
+                show_axial(axis, masked, cmap="tab20", alpha=0.5, vmin=0, vmax=max(self.task.out_channels, 2))
             axis.set_title(title)
-            axis.axis("off")
         score = engine.state.metrics.get("metric/dice")
-        figure.suptitle(f"{self.task.id}, epoch {engine.state.epoch}" +
+        figure.suptitle(f"{self.task.id}, epoch {engine.state.epoch} (best so far), axial slice {z}" +
                         ("" if score is None or math.isnan(score) else f", mean Dice {score:.3f}"))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / self.file_name
-        figure.savefig(path, dpi=90, bbox_inches="tight")
-        plt.close(figure)
+        path = save_figure(figure, self.output_dir / self.file_name, dpi=90)
+        self.drawn_epoch = engine.state.epoch
         RunLogger(engine).log_artifact(path, "validation")
         return path
 

@@ -54,7 +54,7 @@ from voco.distributed import get_rank, world_size
 from voco.errors import ConfigError
 from voco.health import embedding_health
 from voco.networks.interfaces import TokenSequence
-from voco.pretext.views import as_generator, gather_with_gradient, new_figure, save_figure
+from voco.pretext.views import as_generator, gather_with_gradient, new_figure, save_figure, show_axial
 
 LOSSES = ("infonce", "siglip")
 SIGLIP_INITIAL_TEMPERATURE = 0.1  # the SigLIP paper: t' = ln 10
@@ -391,7 +391,7 @@ def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Pat
         for scan in range(num_scans):
             axis = axes[study, scan]
             if bool(scan_mask[study, scan]):
-                axis.imshow(scans[study, scan], cmap="gray")
+                show_axial(axis, scans[study, scan], letters=True, cmap="gray")
             axis.set_title(f"study {study}, scan {scan}" if scan_mask[study, scan] else "padding", fontsize=7)
         text = textwrap.fill(reports[study], width=48, max_lines=8, placeholder=" ...")
         axes[study, num_scans].text(0.0, 0.5, text, fontsize=6, va="center", ha="left", wrap=True,

@@ -60,7 +60,7 @@ from voco.health import embedding_health
 from voco.networks.interfaces import TokenSequence
 from voco.networks.teacher import EMATeacher
 from voco.pretext.views import (as_generator, flip_rotate, gather_with_gradient, intensity_jitter, new_figure,
-                                regions, save_figure)
+                                regions, save_figure, show_axial)
 
 LOSS_FORMS = ("cosine", "infonce")
 VIEW_NAMES = ("global", "augmented", "masked")
@@ -476,10 +476,10 @@ def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Pat
     figure, axes = new_figure(2.2 * (num_views + 2), 2.8, 1, num_views + 2)
     colours = ["tab:red", "tab:orange", "tab:green"]
 
-    axes[0, 0].imshow(region, cmap="gray")
+    show_axial(axes[0, 0], region, letters=True, cmap="gray")
     for v, box in enumerate(boxes[:2]):  # view 3 shares view 1's box
         x0, y0, _, x1, y1, _ = box.tolist()
-        axes[0, 0].add_patch(Rectangle((y0 - 0.5, x0 - 0.5), y1 - y0, x1 - x0, fill=False, edgecolor=colours[v],
+        axes[0, 0].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colours[v],
                                        linewidth=1.8))
     axes[0, 0].set_title("region", fontsize=8)
 
@@ -491,7 +491,7 @@ def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Pat
             slab = views["token_mask"][:, :, (images.shape[-1] // 2) // patch[2]]  # [d, h]
             covered = slab.repeat_interleave(patch[0], dim=0).repeat_interleave(patch[1], dim=1)
             image[covered] = float("nan")
-        axes[0, 1 + v].imshow(image, cmap=masked_colour_map)
+        show_axial(axes[0, 1 + v], image, cmap=masked_colour_map)
         axes[0, 1 + v].set_title(views["names"][v], fontsize=7, color=colours[v])
 
     similarity_axis = axes[0, num_views + 1]

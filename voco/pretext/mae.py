@@ -56,7 +56,7 @@ from monai.networks.utils import eval_mode
 from voco.errors import ConfigError, require_choice
 from voco.networks.interfaces import FeaturePyramid, TokenSequence, require
 from voco.networks.vit import Block, as_triple, sincos_position_embedding
-from voco.pretext.views import as_generator, new_figure, regions, save_figure
+from voco.pretext.views import as_generator, new_figure, regions, save_figure, show_axial
 
 VARIANTS = ("auto", "mae", "simmim")
 MASK_TYPES = ("random", "block")
@@ -440,7 +440,7 @@ def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Pat
     panels = [(image, "input"), (masked, f"masked ({100 * views['mask_ratio']:.0f} %)"),
               (views["reconstruction_slice"].numpy(), f"reconstruction (PSNR {views['psnr']:.1f} dB)")]
     for axis, (values, title) in zip(axes[0], panels):
-        axis.imshow(values, cmap=gray, vmin=low, vmax=high, interpolation="nearest")
+        show_axial(axis, values, letters=True, cmap=gray, vmin=low, vmax=high, interpolation="nearest")
         axis.set_title(title, fontsize=9)
     figure.suptitle(f"masked image modelling ({views.get('variant', '')}), middle z slice", fontsize=9)
     return save_figure(figure, path)

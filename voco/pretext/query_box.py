@@ -47,7 +47,8 @@ from voco.geometry import resample_boxes
 from voco.health import embedding_health
 from voco.networks.interfaces import FeaturePyramid, TokenSequence, require
 from voco.networks.vit import MLP, sincos_position_embedding
-from voco.pretext.views import as_generator, flip_rotate, intensity_jitter, new_figure, regions, save_figure
+from voco.pretext.views import (as_generator, flip_rotate, intensity_jitter, new_figure, regions, save_figure,
+                               show_axial)
 
 
 
@@ -404,21 +405,21 @@ class QueryBoxPretext(nn.Module):
 def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write a PNG of `QueryBoxPretext.views`: the region slice through the true box's centre with the true box
     (green) and the predicted one (red) projected onto it, and the middle z slice of the crop the query carried
-    (the same plane). x runs down, y across; matplotlib is imported lazily; the file appears complete or not at all.
+    (the same plane), in radiological convention (`show_axial`); matplotlib is imported lazily; the file appears complete or not at all.
     """
     from matplotlib.patches import Rectangle
 
     figure, axes = new_figure(6.4, 3.4, 1, 2)
     region_axis, crop_axis = axes[0]
-    region_axis.imshow(views["region_slice"], cmap="gray")
+    show_axial(region_axis, views["region_slice"], letters=True, cmap="gray")
     for box, colour, name in [(views["true_box"], "tab:green", "true"), (views["predicted_box"], "tab:red", "predicted")]:
         x0, y0, _, x1, y1, _ = [float(value) for value in box]
         # Box edges are voxel edges; imshow puts voxel i at [i - 0.5, i + 0.5].
-        region_axis.add_patch(Rectangle((y0 - 0.5, x0 - 0.5), y1 - y0, x1 - x0, fill=False, edgecolor=colour,
+        region_axis.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
                                         linewidth=1.8, label=name))
     region_axis.legend(loc="lower right", fontsize=7)
     region_axis.set_title(f"region, z = {views['slice_index']}, IoU {views['iou']:.2f}", fontsize=8)
     crop = views["crop"]
-    crop_axis.imshow(crop[..., crop.shape[-1] // 2], cmap="gray")
+    show_axial(crop_axis, crop[..., crop.shape[-1] // 2], cmap="gray")
     crop_axis.set_title("query crop (resampled, jittered)", fontsize=8)
     return save_figure(figure, path)

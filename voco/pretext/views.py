@@ -1,6 +1,6 @@
 """Device-side pieces that several pretexts use to make their views: the batch's regions, flips and rot90 of a
-batch of crops, intensity jitter, gathering rows of every rank with their gradient, and writing a picture of the
-views atomically."""
+batch of crops, intensity jitter, gathering rows of every rank with their gradient, and drawing a picture of the
+views (axial slices in radiological convention) and writing it atomically."""
 
 from __future__ import annotations
 
@@ -101,3 +101,20 @@ def new_figure(width: float, height: float, rows: int, columns: int):
     for axis in axes.flat:
         axis.axis("off")
     return figure, axes
+
+
+ORIENTATION_LETTERS = (("R", 0.04, 0.5), ("L", 0.96, 0.5), ("A", 0.5, 0.95), ("P", 0.5, 0.05))
+
+
+def show_axial(axis: Any, slice_xy: Any, letters: bool = False, **imshow_options: Any) -> None:
+    """Draw an axial slice ``[X, Y]`` of a RAS-oriented volume (what every voco pipeline delivers) in radiological
+    convention, as a clinician reads it: the patient's right on the image's left, anterior at the top; `letters`
+    marks the sides (R, L, A, P). Data coordinates stay (x, y), so a box is
+    ``Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0)``."""
+    axis.imshow(slice_xy.T, origin="lower", **imshow_options)
+    if not axis.xaxis_inverted():  # x grows towards the patient's right: right on the left (overlays: once)
+        axis.invert_xaxis()
+    if letters:
+        for letter, u, v in ORIENTATION_LETTERS:
+            axis.text(u, v, letter, transform=axis.transAxes, ha="center", va="center", fontsize=7,
+                      fontweight="bold", color="yellow")

@@ -48,7 +48,7 @@ from voco.geometry import (CROP_SAMPLING_MODES, CropLayout, crop_boxes, get_layo
 from voco.health import embedding_health
 from voco.networks.heads import VoCoProjector
 from voco.networks.teacher import EMATeacher
-from voco.pretext.views import as_generator, gather_with_gradient, new_figure, regions, save_figure
+from voco.pretext.views import as_generator, gather_with_gradient, new_figure, regions, save_figure, show_axial
 
 LOSS_FORMS = ("v2", "v1")
 INTER_VOLUME_MODES = ("batch", "global")
@@ -399,21 +399,21 @@ def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Pat
     def middle_slice(crop: torch.Tensor) -> torch.Tensor:
         return crop[..., crop.shape[-1] // 2]
 
-    # Region slice (x down, y across) with the base grid in white and the random crops in colour.
+    # Region slice (radiological convention) with the base grid in white and the random crops in colour.
     region_axis = axes[0, 0]
-    region_axis.imshow(views["region_slice"], cmap="gray")
+    show_axial(region_axis, views["region_slice"], letters=True, cmap="gray")
     colours = ["tab:red", "tab:orange", "tab:green", "tab:cyan", "tab:purple", "tab:pink"]
     for box, colour in [(b, "white") for b in views["base_boxes"]] + [
             (b, colours[s % len(colours)]) for s, b in enumerate(views["random_boxes"])]:
         x0, y0, _, x1, y1, _ = box.tolist()
-        region_axis.add_patch(Rectangle((y0 - 0.5, x0 - 0.5), y1 - y0, x1 - x0, fill=False, edgecolor=colour,
+        region_axis.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
                                         linewidth=1.0 if colour == "white" else 1.8))
     region_axis.set_title("region", fontsize=8)
 
     for s in range(num_random):
         colour = colours[s % len(colours)]
         crop_axis, label_axis, prediction_axis = axes[0, 1 + 3 * s], axes[0, 2 + 3 * s], axes[0, 3 + 3 * s]
-        crop_axis.imshow(middle_slice(random_crops[s]), cmap="gray")
+        show_axial(crop_axis, middle_slice(random_crops[s]), cmap="gray")
         crop_axis.set_title(f"random crop {s}", fontsize=8, color=colour)
         for axis, values, name in [(label_axis, labels[s], "label"), (prediction_axis, predictions[s], "predicted")]:
             heatmap = values.reshape(grid_rows, -1)
@@ -424,7 +424,7 @@ def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Pat
                           color="black" if value > 0.5 else "white")
             axis.set_title(f"{name} {s}", fontsize=8)
     for k in range(num_base):
-        axes[1, k].imshow(middle_slice(base_crops[k]), cmap="gray")
+        show_axial(axes[1, k], middle_slice(base_crops[k]), cmap="gray")
         axes[1, k].set_title(f"base {k}", fontsize=8)
 
     return save_figure(figure, path)
