@@ -123,7 +123,11 @@ def encoder_of(pretext: torch.nn.Module) -> torch.nn.Module:
 
 
 def feature_maps(backbone: torch.nn.Module, image: torch.Tensor) -> list[torch.Tensor]:
-    """``[1, X, Y, Z]`` -> the encoder's feature maps ``[C_i, x_i, y_i, z_i]``, float32."""
+    """``[1, X, Y, Z]`` -> the encoder's feature maps ``[C_i, x_i, y_i, z_i]``, float32. An encoder of C > 1
+    input channels (pretrained on stacked channels) sees a one-channel probe scan in every channel."""
+    channels = int(getattr(backbone, "in_channels", image.shape[0]))
+    if image.shape[0] == 1 and channels > 1:
+        image = image.expand(channels, *image.shape[1:])
     maps = backbone.forward_features(image[None])
     maps = maps if isinstance(maps, (list, tuple)) else [maps]
     return [feature[0].float() for feature in maps]

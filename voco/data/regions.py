@@ -28,6 +28,7 @@ from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import json_hashing
 
+from voco.data.channels import check_channels, stack_channels
 from voco.data.manifest import load_manifest, to_datalist
 from voco.data.compact import ExpandIntensityd, UnpackCompactd, compact_transforms, stored_dtype
 from voco.data.presets import Preset, get_preset
@@ -72,20 +73,22 @@ class CheckHeaderd(mt.MapTransform):
         from voco.data.volumes import header_problems, read_header
 
         for key in self.key_iterator(data):
-            if not isinstance(data[key], (str, os.PathLike)):
-                continue  # already an array: nothing left to refuse before allocation
-            series = data.get("series") if key == self.keys[0] else None  # a DICOM series is the image's
-            problems = header_problems(read_header(data[key], series=series),
-                                       target_spacing=self.target_spacing)
-            if problems:
-                raise VolumeError(problems[0])
+            paths = data[key] if isinstance(data[key], (list, tuple)) else [data[key]]  # a list: stacked channels
+            for path in paths:
+                if not isinstance(path, (str, os.PathLike)):
+                    continue  # already an array: nothing left to refuse before allocation
+                series = data.get("series") if key == self.keys[0] else None  # a DICOM series is the image's
+                problems = header_problems(read_header(path, series=series), target_spacing=self.target_spacing)
+                if problems:
+                    raise VolumeError(problems[0])
         return data
 
 
 class CheckVolumed(mt.MapTransform):
-    """Check each loaded volume (3-D, not empty, finite) so a bad file fails with its name, not deep in a transform."""
+    """Check each loaded volume (3-D, not empty, finite) so a bad file fails with its name, not deep in a transform.
+    The image of an entry with stacked ``channels`` (`voco.data.channels`) has one channel per name."""
 
-    def __init__(self, keys: Sequence[str], check: Callable[[Any, Any, str], None]) -> None:
+    def __init__(self, keys: Sequence[str], check: Callable[..., None]) -> None:
         super().__init__(keys)
         self.check = check
 
@@ -96,7 +99,8 @@ class CheckVolumed(mt.MapTransform):
             meta = getattr(image, "meta", {})
             spacing = meta.get("pixdim")
             spacing = None if spacing is None else [float(s) for s in list(spacing)[1:4]]
-            self.check(image, spacing, str(meta.get("filename_or_obj", key)))
+            channels = len(data.get("channels") or ()) or 1 if key == self.keys[0] else 1
+            self.check(image, spacing, str(meta.get("filename_or_obj", key)), channels=channels)
         return data
 
 
@@ -131,7 +135,7 @@ def preset_transforms(preset: str | Preset, region_size: Sequence[int], keys: Se
         steps += [mt.ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
                   foreground]
     else:  # MRI has no absolute scale: crop to the body first, then z-score its non-zero voxels
-        steps += [foreground, mt.NormalizeIntensityd(keys=keys, nonzero=True)]
+        steps += [foreground, mt.NormalizeIntensityd(keys=keys, nonzero=True, channel_wise=True)]
     if preset.spacing is None:
         steps.append(mt.Resized(keys=all_keys, spatial_size=region_size, mode=modes))
     steps += [mt.SpatialPadd(keys=all_keys, spatial_size=region_size),
@@ -161,8 +165,11 @@ def cache_folder_name(preset: str, region_size: Sequence[int], dtype: str, compr
     return f"{preset}-{stored}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
-def source_stamp(path: str) -> str:
-    """Size and modification time of a file: part of the disk-cache key, so an edited file is not served stale."""
+def source_stamp(path: str | Sequence[str]) -> str:
+    """Size and modification time of a file (of each file of stacked channels): part of the disk-cache key, so an
+    edited file is not served stale."""
+    if isinstance(path, (list, tuple)):
+        return ",".join(source_stamp(part) for part in path)
     try:
         stat = os.stat(path)
     except OSError:
@@ -322,8 +329,11 @@ def preflight(datalist: Sequence[Mapping[str, Any]], max_bad_fraction: float = 0
         raise ConfigError(f"max_bad_fraction={max_bad_fraction}; give a fraction in [0, 1] (1 turns the check off).")
     picked = range(len(datalist)) if len(datalist) <= sample_size else sorted(
         np.random.default_rng(seed).choice(len(datalist), sample_size, replace=False))
-    problems = [problem for index in picked
-                for problem in check_volume(datalist[index]["image"], read_voxels=False)[:1]]
+    def first_problem(image: str | Sequence[str]) -> list[str]:  # a list: the files of stacked channels
+        return [problem for path in (image if isinstance(image, (list, tuple)) else [image])
+                for problem in check_volume(path, read_voxels=False)][:1]
+
+    problems = [problem for index in picked for problem in first_problem(datalist[index]["image"])]
     logger.info("preflight: %d of %d volume headers checked are bad", len(problems), len(picked))
     if len(problems) == len(picked):
         raise VolumeError(f"none of the {len(picked)} volumes checked before training can be used (the first: "
@@ -395,7 +405,8 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
                          cache: str = "none", cache_dir: str | os.PathLike | None = None,
                          bad_volumes: str = "skip", dataset_dir: str | None = None,
                          num_cache_workers: int | None = None, cache_dtype: str = "auto",
-                         cache_compression: str = "none", max_bad_fraction: float = 0.5) -> SkipBadVolumes:
+                         cache_compression: str = "none", max_bad_fraction: float = 0.5,
+                         channels: Sequence[str] | None = None) -> SkipBadVolumes:
     """One dataset of random regions for a manifest (or datalist), whatever presets its entries name.
 
     Args:
@@ -412,12 +423,16 @@ def build_region_dataset(source: str | os.PathLike | Mapping | Sequence[Mapping]
         bad_volumes: "skip" (count and go on) or "stop" (raise a VolumeError naming the file).
         max_bad_fraction: refuse a manifest whose volume headers are bad for more than this fraction of entries
             before any work (`preflight`); 1 turns the check off.
+        channels: stack the scans of each study in this order of channel names (`voco.data.channels`), e.g.
+            ``["t1", "t2"]``: regions ``[C, X, Y, Z]``; None: one channel per scan.
     """
     region_size = as_region_size(region_size)
     check_cache_settings(cache, cache_dir, bad_volumes, preset, cache_dtype, cache_compression)
     datalist = resolve_datalist(source, dataset_dir)
     if not datalist:
         raise ConfigError("the manifest has no scans to train on; add scans or check the dataset filter.")
+    if check_channels(channels):
+        datalist = stack_channels(datalist, channels)
 
     def transforms(preset_name: str, dtype: str, compression: str) -> list:
         stored = compact_transforms(dtype, compression) if cache != "none" else []
@@ -459,7 +474,8 @@ def build_region_loader(source: str | os.PathLike | Mapping | Sequence[Mapping],
                         **dataset_options: Any) -> DataLoader:
     """The loader every bundle uses: `build_region_dataset(source, **dataset_options)` in a MONAI DataLoader.
 
-    Batches are ``{"image": float32 [B, 1, X, Y, Z], "skipped_volumes": int64 [B]}``.
+    Batches are ``{"image": float32 [B, C, X, Y, Z], "skipped_volumes": int64 [B]}`` (C = 1, or the number of
+    `channels` stacked).
     """
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:

@@ -484,15 +484,18 @@ def _array_layout(array: Any) -> tuple[list[int], list[int]]:
     return shape[len(shape) - spatial_ndim:], shape[: len(shape) - spatial_ndim]
 
 
-def assert_valid_volume(array: Any, spacing: Sequence[float] | None, source: str) -> None:
+def assert_valid_volume(array: Any, spacing: Sequence[float] | None, source: str, channels: int = 1) -> None:
     """Raise VolumeError when a loaded volume is not one voco can use (the checks of `check_volume`).
 
     Args:
-        array: numpy array or torch tensor, ``[X, Y, Z]`` or channel-first ``[C, X, Y, Z]`` with C == 1.
+        array: numpy array or torch tensor, ``[X, Y, Z]`` or channel-first ``[C, X, Y, Z]`` with C == `channels`.
         spacing: voxel size per spatial axis in mm, or None when unknown.
         source: the file the volume came from, named in the message.
+        channels: the channels expected (more than 1 for scans stacked by `voco.data.channels`).
     """
     spatial_shape, channel_shape = _array_layout(array)
+    if channels > 1 and math.prod(channel_shape) == channels:
+        channel_shape = []  # the stacked channels asked for
     problems = geometry_problems(source, spatial_shape, channel_shape, spacing, shape=tuple(array.shape))
     if not problems:  # counting NaNs of a malformed array would only repeat the first problem
         problems = voxel_problems(source, array)
