@@ -186,3 +186,19 @@ def test_memory_cache_fill_shows_its_bar_and_keeps_failed_volumes(monkeypatch):
                                      num_cache_workers=2)
     assert "] 4/4 volumes cached in memory (100.0%" in terminal.getvalue()
     assert float(dataset[3]["image"].max()) == 3.0 and isinstance(dataset._cache[2], regions._FailedVolume)
+
+
+def test_step_logger_draws_a_bar_between_its_lines_on_a_terminal():
+    terminal = _Terminal()
+    engine = Engine(lambda engine, batch: [{"loss": torch.tensor(1.0), "volumes": 2}])
+    StepLogger(interval=10, stream=terminal).attach(engine)
+    engine.run(range(30), max_epochs=1)
+    text = terminal.getvalue()
+    frames = [part for part in text.split("\r") if part.startswith("[")]
+    assert len(frames) == 29 and frames[0].startswith("[") and " 1/30 steps (3.3%, " in frames[0]
+    lines = text.split("\n")
+    logged = [line for line in lines if "step 10/30  (" in line or "step 30/30  (" in line]
+    # the bar is taken off its line before each progress line: nothing of it is left on that line
+    assert len(logged) == 2 and all(line.split("\r")[-1].startswith("\033[Kstep ") for line in logged)
+    assert text.endswith("\r\033[K") or text.endswith("\n")
+    assert "\r" not in run_logger(lambda step: {"loss": torch.tensor(1.0), "volumes": 2})  # a log file: lines only

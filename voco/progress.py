@@ -34,12 +34,14 @@ class Progress:
         every_s: the least time between two lines when the stream is not a terminal.
         minimum: show nothing for work of fewer units than this (a ten-file folder needs no bar).
         enabled: False shows nothing (e.g. on every rank but 0 under torchrun).
+        start: units done before this process began (a resumed run): the rate and ETA count only the new ones.
     """
 
     def __init__(self, total: int, what: str, *, stream: TextIO | None = None, every_s: float = 30.0,
-                 minimum: int = 1, enabled: bool = True) -> None:
+                 minimum: int = 1, enabled: bool = True, start: int = 0) -> None:
         self.total, self.what, self.stream = int(total), what, stream or sys.stderr
-        self.every_s, self.done = float(every_s), 0
+        self.every_s, self.start = float(every_s), int(start)
+        self.done, self.drawn = self.start, False
         self.shown = enabled and self.total >= max(int(minimum), 1)
         isatty = getattr(self.stream, "isatty", None)
         self.terminal = bool(isatty and isatty())
@@ -54,9 +56,9 @@ class Progress:
     def text(self) -> str:
         """``1,200/5,000 volume headers read (24.0%, 410/s, ETA 9s)``."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.start) / elapsed
         share = self.done / self.total if self.total else 1.0
-        eta = f", ETA {format_duration((self.total - self.done) / rate)}" if 0 < self.done < self.total else ""
+        eta = f", ETA {format_duration((self.total - self.done) / rate)}" if rate > 0 and self.done < self.total else ""
         return f"{self.done:,}/{self.total:,} {self.what} ({share:.1%}, {rate:.3g}/s{eta})"
 
     def update(self, done: int | None = None) -> None:
@@ -69,9 +71,17 @@ class Progress:
             filled = round(BAR_WIDTH * min(self.done / max(self.total, 1), 1.0))
             self.stream.write(f"\r[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {self.text()}\033[K")
             self.stream.flush()
+            self.drawn = True
         elif now - self._last_line >= self.every_s and self.done < self.total:
             self._last_line = now
             print(self.text(), file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        """Take the bar off its line (before other output is printed there; it comes back at the next update)."""
+        if self.terminal and self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = False
 
     def close(self) -> None:
         """End the bar's line on a terminal; one closing line in a log (only for work long enough to have been

@@ -19,7 +19,7 @@ from voco.distributed import get_rank, unwrap
 from voco.engine.random_state import unchanged_random_state
 from voco.engine.trainer import autocast, batch_to_device, scalars
 from voco.health import collapse_warning
-from voco.progress import format_duration
+from voco.progress import Progress, format_duration
 from voco.tracking import RunLogger, attached_mlflow_handlers
 
 
@@ -71,7 +71,8 @@ class StepLogger:
     share of the run, one sentence says so and what to try, once per run (an untrained encoder maps different
     inputs to nearly one vector, and the learning-rate warm-up keeps it there for a while: the start is not judged).
     Values are read from the device only on logging iterations (and at an early stop). MONAI's `StatsHandler`
-    prints only the loss; this prints the parts too.
+    prints only the loss; this prints the parts too. On a terminal a bar (`voco.progress.Progress`) shows the steps
+    between the lines; in a log file there are only the lines.
     """
 
     def __init__(self, interval: int = 10, stream=None, collapse_patience: int = 3,
@@ -79,6 +80,8 @@ class StepLogger:
         self.interval = max(1, int(interval))
         self.stream = stream or sys.stdout
         self.collapse_patience, self.collapse_warmup = max(1, int(collapse_patience)), float(collapse_warmup)
+        self._bar: Progress | None = None
+        self._terminal = False
         self._volumes = 0
         self._clock = time.perf_counter()
         self._collapsed_in_a_row, self._warned_of_collapse = 0, False
@@ -88,15 +91,37 @@ class StepLogger:
         if get_rank() != 0:  # under torchrun rank 0 speaks for all
             return
         engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self.draw_bar)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.clear_bar)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.clear_bar)
+
+    def draw_bar(self, engine: Engine) -> None:
+        """On a terminal, a bar of the steps done while the next one runs; taken off the line before anything is
+        printed (this handler's ITERATION_COMPLETED comes first), so cluster logs and lines stay clean."""
+        if not self._terminal:
+            return
+        done = engine.state.iteration - 1
+        if self._bar is None:  # made at the first step, after a resumed run has restored its iteration
+            total = getattr(engine, "max_steps", None) or engine.state.epoch_length * engine.state.max_epochs
+            self._bar = Progress(total, "steps", stream=self.stream, start=done)
+        elif done > self._bar.start:
+            self._bar.update(done)
+
+    def clear_bar(self, engine: Engine | None = None) -> None:
+        if self._bar is not None:
+            self._bar.clear()
 
     def started(self, engine: Engine) -> None:
+        isatty = getattr(self.stream, "isatty", None)
+        self._terminal, self._bar = bool(isatty and isatty()), None
         self.run = RunLogger(engine)
         self._clock, self._volumes = time.perf_counter(), 0
         self._step_clock, self._last_step = self._clock, engine.state.iteration  # a resumed run starts past 0
         self._collapsed_in_a_row, self._warned_of_collapse = 0, False
 
     def iteration_completed(self, engine: Engine) -> None:
+        self.clear_bar()
         output = engine.state.output[0]
         self._volumes += int(output.get("volumes", 0))
         iteration = engine.state.iteration
