@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from voco.data.volumes import DEFAULT_MAX_VOXELS, check_volume, max_voxels, size_problems
+from voco.data.volume_checks import DEFAULT_MAX_VOXELS, check_volume, max_voxels, size_problems
 
 
 def write_header_only(path: Path, shape: tuple[int, ...], dtype=np.int16, zooms=(1.0, 1.0, 1.0)) -> Path:
@@ -37,7 +37,7 @@ from monai import transforms as mt
 from voco.data.folder import build_manifest_from_folder
 from voco.data.manifest_checks import check_manifest
 from voco.data.regions import preset_transforms, volume_error
-from voco.data.volumes import check_volume
+from voco.data.volume_checks import check_volume
 from voco.errors import VolumeError
 
 folder, bomb = Path(sys.argv[1]), sys.argv[2]

@@ -17,8 +17,8 @@ import torch
 from voco.data.folder import build_manifest_from_folder, scan_folder
 from voco.data.manifest_checks import check_manifest, format_problem_table, manifest_stats
 from voco.data.manifest import load_manifest, to_datalist
-from voco.data.volumes import (SUPPORTED_EXTENSIONS, assert_valid_volume, check_volume, file_stem, image_format,
-                               read_header)
+from voco.data.volume_checks import assert_valid_volume, check_volume
+from voco.data.volumes import SUPPORTED_EXTENSIONS, file_stem, image_format, read_header
 from voco.errors import ManifestError, VolumeError
 
 SIDE = 16  # tiny volumes: 16^3 voxels

@@ -20,7 +20,8 @@ from voco.benchmark.registry import Task, is_whole, registration_keys
 from voco.data.manifest_checks import ProblemRows
 from voco.data.manifest import SPLITS
 from voco.errors import ManifestError
-from voco.data.volumes import VolumeHeader, header_problems, inspect_volume, load_voxels, one_line
+from voco.data.volume_checks import header_problems, inspect_volume
+from voco.data.volumes import VolumeHeader, load_voxels, one_line
 
 # Task types whose datasets come in their own layout, and their checks.
 LAYOUT_CHECKS = {"vision-language": check_ct_rate_copy}
@@ -170,7 +171,7 @@ def check_task_dataset(task: Task, dataset_dir: str | os.PathLike, *, read_voxel
 
     Reads the Decathlon-style datalist (the registry's `datalist_file`, or `datalist`; relative paths start at
     `dataset_dir`) and checks every entry of its "training", "validation" and "test" lists: the image file(s) exist
-    and are readable 3-D volumes (`voco.data.volumes.check_volume`'s checks; one file per channel, or one file
+    and are readable 3-D volumes (`voco.data.volume_checks.check_volume`'s checks; one file per channel, or one file
     with `in_channels` channels), a label map has its image's shape and, for segmentation with `read_voxels`, only
     values 0..num_classes (or the raw values the reference remaps); a classification entry's label is a class index
     (or a 0/1 list per class); a registration entry has a moving and a fixed image (`registration_keys`), each with

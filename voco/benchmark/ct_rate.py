@@ -28,7 +28,7 @@ from voco.data.manifest_checks import ProblemRows
 from voco.data.manifest import FINDINGS_KEY, manifest_from_records, save_manifest, to_datalist
 from voco.data.reports import IMAGE_SUFFIXES, attach_reports, image_stem
 from voco.data.studies import group_studies
-from voco.data.volumes import inspect_volume
+from voco.data.volume_checks import inspect_volume
 from voco.errors import ConfigError, ManifestError
 
 # The vision-language tasks voco runs, and what each scores.

@@ -28,7 +28,7 @@ from monai import transforms as mt
 
 from voco.benchmark.registry import Intensity, Task, registration_keys
 from voco.data.regions import CheckVolumed
-from voco.data.volumes import assert_valid_volume
+from voco.data.volume_checks import assert_valid_volume
 from voco.errors import ConfigError, ManifestError
 
 __all__ = ["CLASSIFICATION_FITS", "CROP_SAMPLINGS", "ClassLabeld", "inference_transforms", "registration_keys", "task_transforms"]

@@ -35,6 +35,11 @@ def check_channels(channels: Any) -> list[str] | None:
     return names
 
 
+def channel_count(channels: Any) -> int:
+    """The input channels of the backbone for a `channels` setting: 1 without stacking."""
+    return len(check_channels(channels) or [None])
+
+
 def channel_names_of(entry: Mapping[str, Any]) -> set[str]:
     """Every name a scan answers to (lower case): its ``channel`` field, series description, last name token."""
     names = set()

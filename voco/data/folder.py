@@ -30,8 +30,9 @@ from typing import Any, Iterable, Sequence
 
 from voco.data.manifest import (DEFAULT_PRESETS, MODALITY_ALIASES, manifest_from_records, normalize_modality,
                                 save_manifest)
-from voco.data.volumes import (VolumeHeader, dicom_series_names, dicom_tags, file_stem, header_problems,
-                               image_format, inspect_volume, one_line, read_dicom_header)
+from voco.data.volume_checks import header_problems, inspect_volume
+from voco.data.volumes import (VolumeHeader, dicom_series_names, dicom_tags, file_stem, image_format, one_line,
+                               read_dicom_header)
 from voco.errors import ManifestError, MissingDependencyError, VolumeError
 from voco.progress import Progress
 

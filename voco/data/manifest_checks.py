@@ -13,7 +13,8 @@ import numpy as np
 
 from voco.data.folder import PROGRESS_MINIMUM
 from voco.data.manifest import DEFAULT_PRESETS, load_manifest, normalize_modality, to_datalist
-from voco.data.volumes import inspect_volume, read_header
+from voco.data.volume_checks import inspect_volume
+from voco.data.volumes import read_header
 from voco.errors import VolumeError
 from voco.progress import Progress
 

@@ -62,7 +62,7 @@ def as_region_size(region_size: int | Sequence[int]) -> tuple[int, int, int]:
 
 class CheckHeaderd(mt.MapTransform):
     """Refuse a volume from its header, before it is loaded: not 3-D, empty, a broken spacing or orientation, or too
-    large to read (`voco.data.volumes.header_problems`, the size also once resampled to `target_spacing`) -- a
+    large to read (`voco.data.volume_checks.header_problems`, the size also once resampled to `target_spacing`) -- a
     header claiming 1100³ voxels must not allocate gigabytes in every loader worker."""
 
     def __init__(self, keys: Sequence[str], target_spacing: Sequence[float] | None = None) -> None:
@@ -70,7 +70,8 @@ class CheckHeaderd(mt.MapTransform):
         self.target_spacing = target_spacing
 
     def __call__(self, data: Mapping) -> Mapping:
-        from voco.data.volumes import header_problems, read_header
+        from voco.data.volume_checks import header_problems
+        from voco.data.volumes import read_header
 
         for key in self.key_iterator(data):
             paths = data[key] if isinstance(data[key], (list, tuple)) else [data[key]]  # a list: stacked channels
@@ -111,7 +112,7 @@ def preset_transforms(preset: str | Preset, region_size: Sequence[int], keys: Se
     Output: channel-first float32 volumes in RAS, at least `region_size` in every axis (smaller volumes are
     padded, never rejected), so a random region of that size can always be taken.
     """
-    from voco.data.volumes import assert_valid_volume
+    from voco.data.volume_checks import assert_valid_volume
 
     preset = get_preset(preset)
     region_size = as_region_size(region_size)
@@ -321,7 +322,7 @@ def preflight(datalist: Sequence[Mapping[str, Any]], max_bad_fraction: float = 0
     `max_bad_fraction` of them are bad, a VolumeError says how many and names the first; the rest of a run skips
     and counts bad volumes as it meets them (truncated voxel data and NaNs only show when the voxels are read).
     """
-    from voco.data.volumes import check_volume
+    from voco.data.volume_checks import check_volume
 
     if max_bad_fraction >= 1.0 or not datalist:
         return
