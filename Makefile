@@ -16,8 +16,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	@touch $@
 
 # OPENBLAS_NUM_THREADS=1: numpy/scipy's OpenBLAS threads would otherwise compete with torch's for the cores.
+# Two pytest workers, each test file on one of them (its module fixtures, e.g. one smoke run, made once).
 test: venv
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 demo: venv
 	$(BIN)/voco demo
