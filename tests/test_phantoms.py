@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from voco.data.manifest import load_manifest, to_datalist
-from voco.data.phantoms import (ALL_ORIENTATIONS, CLASS_INDEX, PHANTOM_CLASSES, STAMP_NAME, ensure_phantoms,
-                                make_phantom, synthesize)
+from voco.data.phantoms import (ALL_ORIENTATIONS, CLASS_INDEX, PHANTOM_CLASSES, STAMP_NAME, ensure_phantom_studies,
+                                ensure_phantoms, make_phantom, synthesize)
 from voco.errors import ConfigError, VocoError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,8 @@ def test_bad_arguments_are_reported_as_config_errors(tmp_path):
         synthesize(tmp_path / "set", n=0)
     with pytest.raises(ConfigError, match="colour"):
         ensure_phantoms(tmp_path / "set", n=1, colour="red")
+    with pytest.raises(ConfigError, match="synthesize_studies does not take these options .*make_phantom_study"):
+        ensure_phantom_studies(tmp_path / "studies", n=1, field_of_view_range=[[1, 2]] * 3)  # a make_phantom option
     assert not any(tmp_path.iterdir()), "nothing written for refused arguments"
 
 

@@ -12,11 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from voco.data.phantoms.anatomy import (DEFAULT_IN_PLANE_SPACING_RANGE, DEFAULT_ORIENTATIONS, DEFAULT_SHAPE_RANGE,
-                                         DEFAULT_SLICE_SPACING_RANGE, PHANTOM_VERSION, Phantom, make_phantom)
-from voco.data.phantoms.studies import (DEFAULT_STUDY_SHAPE_RANGE, MAX_STUDY_SCANS, PHANTOM_STUDY_VERSION,
-                                         STUDY_ENLARGED_SPLEEN_PROBABILITY, STUDY_LESION_PROBABILITY,
-                                         make_phantom_study)
+from voco.data.phantoms.anatomy import PHANTOM_VERSION, Phantom, make_phantom
+from voco.data.phantoms.studies import MAX_STUDY_SCANS, PHANTOM_STUDY_VERSION, make_phantom_study
 from voco.errors import ConfigError, VocoError
 from voco.files import with_umask_mode
 
@@ -30,45 +27,25 @@ STAMP_FORMAT = "voco-phantoms"
 # Sets of phantoms on disk
 
 
-def synthesize(
-    out_dir: str | os.PathLike,
-    n: int = 20,
-    seed: int = 0,
-    *,
-    shape_range: Sequence[Sequence[int]] = DEFAULT_SHAPE_RANGE,
-    in_plane_spacing_range: Sequence[float] = DEFAULT_IN_PLANE_SPACING_RANGE,
-    slice_spacing_range: Sequence[float] = DEFAULT_SLICE_SPACING_RANGE,
-    orientations: Sequence[str] = DEFAULT_ORIENTATIONS,
-    lesion_probability: float = 0.5,
-    enlarged_spleen_probability: float = 0.3,
-    with_labels: bool = True,
-    name: str = "phantoms",
-    field_of_view_range: Sequence[Sequence[float]] | None = None,
-) -> Path:
+def synthesize(out_dir: str | os.PathLike, n: int = 20, seed: int = 0, *, with_labels: bool = True,
+               name: str = "phantoms", **phantom_options: Any) -> Path:
     """Write `n` phantoms as NIfTI files with a voco manifest into `out_dir`; returns the manifest path.
 
     Layout: out_dir/images/phantom_XXXX.nii.gz (int16 HU), out_dir/labels/phantom_XXXX.nii.gz (uint8, when
     `with_labels`), out_dir/manifest.json (one dataset `name`, modality CT, preset "ct_abdomen", one subject per
     phantom with its report and attributes) and a stamp file of the arguments. Phantom i is
-    ``make_phantom((seed, i), ...)`` (`field_of_view_range`: bodies of a consistent size in mm, see there). Everything is written into a temporary sibling folder that is renamed into
-    place at the end, so `out_dir` is never half-written. A previous phantom folder is replaced; any other
-    non-empty `out_dir` is refused.
+    ``make_phantom((seed, i), **phantom_options)`` (its options: the shape and spacing ranges, orientations, lesion
+    and enlarged-spleen probabilities, noise, `field_of_view_range` for bodies of a consistent size in mm).
+    Everything is written into a temporary sibling folder that is renamed into place at the end, so `out_dir` is
+    never half-written. A previous phantom folder is replaced; any other non-empty `out_dir` is refused.
     """
     out_dir = Path(out_dir).expanduser().resolve()
-    arguments = _arguments(synthesize, out_dir, n, seed, shape_range=shape_range,
-                           in_plane_spacing_range=in_plane_spacing_range, slice_spacing_range=slice_spacing_range,
-                           orientations=orientations, lesion_probability=lesion_probability,
-                           enlarged_spleen_probability=enlarged_spleen_probability,
-                           with_labels=with_labels, name=name, field_of_view_range=field_of_view_range)
+    arguments = _arguments(synthesize, out_dir, n, seed, make_phantom, with_labels=with_labels, name=name,
+                           **phantom_options)
     with _staged_set(out_dir, with_labels) as staging:
         records = []
         for index in range(n):
-            phantom = make_phantom((seed, index), shape_range=shape_range,
-                                   in_plane_spacing_range=in_plane_spacing_range,
-                                   slice_spacing_range=slice_spacing_range, orientations=orientations,
-                                   lesion_probability=lesion_probability,
-                                   enlarged_spleen_probability=enlarged_spleen_probability,
-                                   field_of_view_range=field_of_view_range)
+            phantom = make_phantom((seed, index), **phantom_options)
             subject = f"phantom_{index:04d}"
             records.append({"dataset": name, "subject": subject, "study": "ct", "report": phantom.report,
                             "scan": _save_scan(phantom, staging, subject, with_labels)})
@@ -89,22 +66,10 @@ def ensure_phantoms(out_dir: str | os.PathLike, n: int = 20, seed: int = 0, **op
     return _ensure_set(synthesize, "phantoms", out_dir, n, seed, options)
 
 
-def synthesize_studies(
-    out_dir: str | os.PathLike,
-    n: int = 20,
-    seed: int = 0,
-    *,
-    num_scans: int | None = None,
-    shape_range: Sequence[Sequence[int]] = DEFAULT_STUDY_SHAPE_RANGE,
-    in_plane_spacing_range: Sequence[float] = DEFAULT_IN_PLANE_SPACING_RANGE,
-    slice_spacing_range: Sequence[float] = DEFAULT_SLICE_SPACING_RANGE,
-    orientations: Sequence[str] = DEFAULT_ORIENTATIONS,
-    lesion_probability: float = STUDY_LESION_PROBABILITY,
-    enlarged_spleen_probability: float = STUDY_ENLARGED_SPLEEN_PROBABILITY,
-    with_labels: bool = False,
-    name: str = "phantom_studies",
-) -> Path:
-    """Write `n` phantom studies (`make_phantom_study((seed, i), num_scans, ...)`) with a manifest; returns its path.
+def synthesize_studies(out_dir: str | os.PathLike, n: int = 20, seed: int = 0, *, num_scans: int | None = None,
+                       with_labels: bool = False, name: str = "phantom_studies", **study_options: Any) -> Path:
+    """Write `n` phantom studies (``make_phantom_study((seed, i), num_scans, **study_options)``) with a manifest;
+    returns its path.
 
     Layout: out_dir/images/phantom_XXXX_<series>.nii.gz (int16 HU; labels/ likewise when `with_labels`),
     out_dir/manifest.json: one dataset `name` (modality CT, preset "ct_abdomen"), one subject "phantom_XXXX" per
@@ -115,14 +80,9 @@ def synthesize_studies(
         manifest_path = synthesize_studies("runs/phantom_studies", n=8)
     """
     out_dir = Path(out_dir).expanduser().resolve()
-    arguments = _arguments(synthesize_studies, out_dir, n, seed, num_scans=num_scans, shape_range=shape_range,
-                           in_plane_spacing_range=in_plane_spacing_range, slice_spacing_range=slice_spacing_range,
-                           orientations=orientations, lesion_probability=lesion_probability,
-                           enlarged_spleen_probability=enlarged_spleen_probability,
-                           with_labels=with_labels, name=name)
-    options = dict(shape_range=shape_range, in_plane_spacing_range=in_plane_spacing_range,
-                   slice_spacing_range=slice_spacing_range, orientations=orientations,
-                   lesion_probability=lesion_probability, enlarged_spleen_probability=enlarged_spleen_probability)
+    arguments = _arguments(synthesize_studies, out_dir, n, seed, make_phantom_study, num_scans=num_scans,
+                           with_labels=with_labels, name=name, **study_options)
+    options = study_options
     make_phantom_study((seed, 0), num_scans, **options)  # refuse bad options before anything is written
     with _staged_set(out_dir, with_labels) as staging:
         records = []
@@ -150,6 +110,8 @@ def ensure_phantom_studies(out_dir: str | os.PathLike, n: int = 20, seed: int = 
 # The generator version the stamp of each kind of set records: a set made by an older generator is rebuilt.
 _SET_VERSIONS: dict[str, Any] = {"phantoms": PHANTOM_VERSION,
                                  "phantom_studies": [PHANTOM_VERSION, PHANTOM_STUDY_VERSION]}
+# What makes each member of a set: the options a set writer does not take itself are handed on to it.
+_GENERATORS: dict[str, Any] = {"phantoms": make_phantom, "phantom_studies": make_phantom_study}
 
 
 def _save_scan(phantom: Phantom, staging: Path, stem: str, with_labels: bool) -> dict[str, Any]:
@@ -167,7 +129,7 @@ def _ensure_set(function: Any, kind: str, out_dir: str | os.PathLike, n: int, se
                 options: dict[str, Any]) -> Path:
     """`function(out_dir, n, seed, **options)`'s manifest, reusing a complete set of `kind` (see `ensure_phantoms`)."""
     out_dir = Path(out_dir).expanduser().resolve()
-    arguments = _arguments(function, out_dir, n, seed, **options)
+    arguments = _arguments(function, out_dir, n, seed, _GENERATORS[kind], **options)
     manifest = _complete_set(out_dir, kind, arguments)
     if manifest is not None:
         return manifest
@@ -183,20 +145,26 @@ def _ensure_set(function: Any, kind: str, out_dir: str | os.PathLike, n: int, se
         return function(out_dir, n, seed, **options)
 
 
-def _arguments(function: Any, out_dir: Path, n: Any, seed: Any, **options: Any) -> dict[str, Any]:
-    """All of `function`'s arguments (defaults filled in) as JSON values, to compare with a stamp file."""
+def _arguments(function: Any, out_dir: Path, n: Any, seed: Any, generator: Any, **options: Any) -> dict[str, Any]:
+    """All of `function`'s arguments and of the options it hands on to `generator` (defaults filled in) as JSON
+    values, to compare with a stamp file."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"the number of phantoms is {n!r}; give a whole number of at least 1.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"the phantom seed is {seed!r}; give a whole number of at least 0.")
+    own = {key: value for key, value in options.items() if key in inspect.signature(function).parameters}
+    handed_on = {key: value for key, value in options.items() if key not in own}
     try:
-        bound = inspect.signature(function).bind(out_dir, n, seed, **options)
+        bound = inspect.signature(function).bind(out_dir, n, seed, **own)
+        passed = inspect.signature(generator).bind_partial(**handed_on)
     except TypeError as error:
         raise ConfigError(f"{function.__name__} does not take these options ({error}); use those of "
-                          f"voco.data.phantoms.{function.__name__}.") from None
+                          f"voco.data.phantoms.{function.__name__} and {generator.__name__}.") from None
     bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    arguments.pop("out_dir")
+    passed.apply_defaults()
+    variadic = [key for key, parameter in bound.signature.parameters.items() if parameter.kind is parameter.VAR_KEYWORD]
+    arguments = {key: value for key, value in bound.arguments.items() if key not in ("out_dir", *variadic)}
+    arguments.update((key, value) for key, value in passed.arguments.items() if key not in ("seed", "num_scans"))
     return json.loads(json.dumps(arguments))  # tuples become lists, as they read back from the stamp
 
 
