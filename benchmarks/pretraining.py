@@ -14,13 +14,14 @@ For each pretraining bundle (voco, mae, query_box, multitask), on the same volum
   bundle's own PretextTrainer fed by a DataLoader with workers over the disk cache: step time, volumes/s, the
   share of wall time spent waiting for the loader, FLOPs per step (forward + backward, counted by
   ``torch.utils.flop_counter``) and achieved TFLOP/s;
-- **peak memory**: host (ru_maxrss of the bundle's process and of its largest loader worker), device (CUDA only).
+- **peak memory**: host (``VmHWM`` of the bundle's own process, and the largest unique (USS) and proportional (PSS)
+  memory of a loader worker, sampled while they live: `memory`), device (CUDA only).
 
 Each bundle runs in a process of its own (so its peak memory is its own); the disk caches under OUT/cache and the
 phantoms under OUT/phantoms are kept between runs. Writes OUT/pretraining.json and OUT/pretraining.md.
 
-    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/pretraining.py --out runs/bench
-    PYTHONPATH=. python benchmarks/pretraining.py --size B --volumes 16 --out runs/bench-gpu   # on a GPU
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/pretraining.py --out runs/bench
+    .venv/bin/python benchmarks/pretraining.py --size B --volumes 16 --out runs/bench-gpu   # on a GPU
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from memory import WorkerMemory, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `voco` from this checkout, installed or not
@@ -87,15 +89,12 @@ def synchronizing(function: Callable[[], Any], device) -> Callable[[], None]:
     return call
 
 
-def peak_host_mb() -> dict[str, float]:
-    """ru_maxrss (KiB on Linux) of this process and of its largest finished child (a loader worker), in MB."""
-    return {"process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+def peak_host_mb(workers: dict[str, float]) -> dict[str, float]:
+    """This process's own peak resident memory (``VmHWM``: a `subprocess` child would inherit its parent's peak in
+    ``ru_maxrss``, see `memory`) and the loader workers' peak unique and proportional memory, in MB."""
+    return {"process": peak_rss_mb(), **workers}
 
 
-# --------------------------------------------------------------------------------------------------
-# Data path
-# --------------------------------------------------------------------------------------------------
 def _nothing(items: list) -> None:
     """A collate function for loaders run only for their side effect (filling a cache)."""
 
@@ -297,7 +296,8 @@ def measure_steps(parser, steps: int, warmup: int, device) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.run()
+    with WorkerMemory() as workers:
+        trainer.run()
     device_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     del trainer
     gc.collect()  # ends the persistent loader workers, so that their peak memory is counted
@@ -309,7 +309,9 @@ def measure_steps(parser, steps: int, warmup: int, device) -> dict:
             "volumes_per_s": batch_size * len(computes) / wall, "loader_wait_share": sum(waits) / wall,
             "flops_per_step": flops_per_step,
             "tflops_per_s": flops_per_step / step_seconds / 1e12 if flops_per_step else None,
-            "device_peak_mb": device_peak}
+            "device_peak_mb": device_peak,
+            "workers_memory": {"worker_unique": workers.peak_unique_mb, "worker_pss": workers.peak_pss_mb,
+                               "workers_seen": workers.count}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,7 +367,7 @@ def measure_bundle(bundle: str, arguments: argparse.Namespace) -> dict:
     result["step"] = measure_steps(step_config, arguments.steps, arguments.warmup, device)
     if arguments.peak_tflops and result["step"]["tflops_per_s"]:
         result["step"]["share_of_peak"] = result["step"]["tflops_per_s"] / arguments.peak_tflops
-    result["host_peak_mb"] = peak_host_mb()
+    result["host_peak_mb"] = peak_host_mb(result["step"].pop("workers_memory"))
     return result
 
 
@@ -393,8 +395,9 @@ def markdown(report: dict) -> str:
               "files in the page cache; read: "
               "file to memory, with zlib's decompression; region: crop + float32; worker: items + collation into "
               "a batch, what a loader worker does)", "",
-              "| bundle | region | preprocess | cache MB/vol f32 / compact / zlib | footprint vs f32 | read f32 / "
-              "compact / zlib | region f32 / compact / zlib | worker f32 / compact / zlib |",
+              "| bundle | region | preprocess | cache MB per volume (= GB per 1,000 volumes, on disk or in memory) "
+              "f32 / compact / zlib | footprint vs f32 | read f32 / compact / zlib | region f32 / compact / zlib | "
+              "worker f32 / compact / zlib |",
               "|---|---|---|---|---|---|---|---|"]
     for result in report["bundles"]:
         data = result["data"]
@@ -422,7 +425,7 @@ def markdown(report: dict) -> str:
     lines += ["", f"**Training step** ({report['environment']['size']} model, the bundle's PretextTrainer over the "
               f"compact disk cache, loader with workers; mean of the timed steps)", "",
               "| bundle | region | batch | workers | step ms | volumes/s | loader wait | GFLOP/step | TFLOP/s | "
-              "share of peak | host peak MB (process / worker) | device peak MB |",
+              "share of peak | host peak MB (process / worker unique / worker PSS) | device peak MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for result in report["bundles"]:
         step, host = result["step"], result["host_peak_mb"]
@@ -431,7 +434,8 @@ def markdown(report: dict) -> str:
                      f"{step['batch_size']} | {result['workers']} | {number(step['step_ms'], 0)} | "
                      f"{number(step['volumes_per_s'], 2)} | {step['loader_wait_share']:.1%} | {number(gflops, 1)} | "
                      f"{number(step['tflops_per_s'], 3)} | {percent(step.get('share_of_peak'))} | "
-                     f"{host['process']:.0f} / {host['largest_worker']:.0f} | "
+                     f"{number(host['process'], 0)} / {number(host['worker_unique'], 0)} / "
+                     f"{number(host['worker_pss'], 0)} | "
                      f"{number(step['device_peak_mb'], 0)} |")
     return "\n".join(lines) + "\n"
 

@@ -5,8 +5,8 @@ repeat so that machine noise hits both alike; the result is the ratio. Attention
 attention-score tensors one block materialises without a fused kernel (batch x heads x sum over groups of
 T^2 x 4 bytes, the memory flash attention avoids); on a GPU the measured peak memory of the step is reported too.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/vit_layouts.py --size B --input 96 --patch 16 --window 3 --batch 2
-    PYTHONPATH=. .venv/bin/python benchmarks/vit_layouts.py --size B --input 192 192 96 --patch 16 --window 3 --batch 1
+    .venv/bin/python benchmarks/vit_layouts.py --size B --input 96 --patch 16 --window 3 --batch 2
+    .venv/bin/python benchmarks/vit_layouts.py --size B --input 192 192 96 --patch 16 --window 3 --batch 1
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Reference-like: for each crop of each volume, a MONAI chain as in the reference 
 per volume, since the random centres change), the labels computed in Python, then the crops stacked
 into a batch as the DataLoader's collate would.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/voco_inputs.py --threads 1 --batch 4 --repeats 30
+    .venv/bin/python benchmarks/voco_inputs.py --threads 1 --batch 4 --repeats 30
 """
 
 from __future__ import annotations

@@ -1,0 +1,57 @@
+"""The benchmarks' memory figures belong to the process measured (`benchmarks/memory.py`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+spec = importlib.util.spec_from_file_location("benchmark_memory", Path(__file__).parents[1] / "benchmarks" / "memory.py")
+memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(memory)
+
+PARENT = r"""
+import resource, subprocess, sys
+held = bytearray(400 * 2**20)
+held[::4096] = b"x" * len(held[::4096])  # touch every page: 400 MB resident
+del held
+child = (
+    "import resource, sys\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "from memory import peak_rss_mb\n"
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak_rss_mb())\n")
+print(subprocess.run([sys.executable, "-c", child, sys.argv[1]], capture_output=True, text=True).stdout)
+"""
+
+
+def test_a_fresh_child_reports_its_own_peak_not_its_parents():
+    out = subprocess.run([sys.executable, "-c", PARENT, str(Path(memory.__file__).parent)], capture_output=True,
+                         text=True, check=True).stdout
+    inherited_maxrss, own_peak = (float(value) for value in out.split())
+    assert own_peak < 100, own_peak  # a bare interpreter
+    assert inherited_maxrss > 380, inherited_maxrss  # the trap: ru_maxrss carries the parent's 400 MB over exec
+
+
+class _Hungry(torch.utils.data.Dataset):
+    """Each item makes its worker hold 120 MB of its own for a moment."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        held = torch.ones(30 * 2**20)  # 120 MB, private to the worker
+        time.sleep(0.3)
+        return int(held[index])
+
+
+def test_worker_memory_sees_what_a_loader_worker_adds():
+    loader = torch.utils.data.DataLoader(_Hungry(), num_workers=1, batch_size=None)
+    with memory.WorkerMemory(interval_s=0.05) as workers:
+        assert list(loader) == [1, 1, 1, 1]
+    assert workers.count == 1
+    assert workers.peak_unique_mb > 100 and workers.peak_pss_mb >= workers.peak_unique_mb - 1
+    assert memory.peak_rss_mb() > 0 and memory.unique_and_proportional_mb(2**22 + 7) is None
