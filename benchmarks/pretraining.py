@@ -17,7 +17,8 @@ For each pretraining bundle (voco, mae, query_box, multitask), on the same volum
 - **peak memory**: host (``VmHWM`` of the bundle's own process, and the largest unique (USS) and proportional (PSS)
   memory of a loader worker, sampled while they live: `memory`), device (CUDA only).
 
-Each bundle runs in a process of its own (so its peak memory is its own); the disk caches under OUT/cache and the
+Each bundle runs in a process of its own (so its peak memory is its own), and the report says how busy the machine
+was meanwhile (`machine`: load average, share of the CPUs other processes used); the disk caches under OUT/cache and the
 phantoms under OUT/phantoms are kept between runs. Writes OUT/pretraining.json and OUT/pretraining.md.
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/pretraining.py --out runs/bench
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from machine import SharedMachine, warning
 from memory import WorkerMemory, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +108,8 @@ def fill_caches(arguments: argparse.Namespace) -> None:
 
     from voco.data.manifest import load_manifest, to_datalist
     from voco.data.regions import build_region_dataset
+    from voco.distributed import loader_workers
+    from voco.progress import Progress
 
     datalist = to_datalist(load_manifest(volumes_manifest(arguments)))
     needed = set()
@@ -118,9 +122,9 @@ def fill_caches(arguments: argparse.Namespace) -> None:
         dataset = build_region_dataset(datalist, region_size=region_size, cache="disk",
                                        cache_dir=Path(arguments.out) / "cache", cache_dtype=cache_dtype,
                                        cache_compression=compression, bad_volumes="stop")
-        for _ in DataLoader(dataset, batch_size=1, num_workers=min(8, os.cpu_count() or 1),
-                            collate_fn=_nothing):
-            pass
+        with Progress(len(dataset), f"volumes cached ({setting}, {region_size})", stream=sys.stdout) as progress:
+            for _ in DataLoader(dataset, batch_size=1, num_workers=loader_workers(8), collate_fn=_nothing):
+                progress.update()
         print(f"cache {setting} of {len(dataset)} volumes at {region_size}: ready", flush=True)
 
 
@@ -328,8 +332,8 @@ def measure_bundle(bundle: str, arguments: argparse.Namespace) -> dict:
     manifest = volumes_manifest(arguments)
     datalist = to_datalist(load_manifest(manifest))
     device = torch.device(arguments.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    train_json = json.loads((REPO / "bundles" / BUNDLES[bundle] / "configs" / "train.json").read_text())
-    workers = train_json["num_workers"] if arguments.workers is None else arguments.workers
+    workers = bundle_config(bundle, "B", {}).get_parsed_content("num_workers") if arguments.workers is None \
+        else arguments.workers
     common = {"manifest": manifest, "validation_fraction": 0.0, "cache": "disk",
               "cache_dir": str((out / "cache").resolve()), "device": f"$torch.device('{device}')"}
     result: dict[str, Any] = {"bundle": bundle, "size": arguments.size, "device": str(device), "workers": workers}
@@ -437,6 +441,14 @@ def markdown(report: dict) -> str:
                      f"{number(host['process'], 0)} / {number(host['worker_unique'], 0)} / "
                      f"{number(host['worker_pss'], 0)} | "
                      f"{number(step['device_peak_mb'], 0)} |")
+    lines += ["", "**The machine during each bundle's measurement** (1-minute load average before / after; the share "
+              "of all cores' time other processes used)", "", "| bundle | load before / after | other work | |",
+              "|---|---|---|---|"]
+    for result in report["bundles"]:
+        facts = result.get("machine", {})
+        lines.append(f"| {result['bundle']} | {number(facts.get('load_before'), 2)} / "
+                     f"{number(facts.get('load_after'), 2)} | {percent(facts.get('other_share'))} | "
+                     f"{warning(facts)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -471,8 +483,11 @@ def main() -> None:
         Path(arguments.json).write_text(json.dumps(measure_bundle(arguments.only, arguments), indent=2))
         return
 
+    import logging
+
     import torch
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # "phantom 3/8 written ...": the first run's minutes
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
     fill_caches(arguments)  # once, before the bundles' processes
@@ -481,9 +496,10 @@ def main() -> None:
         print(f"measuring {bundle} ...", flush=True)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "result.json"
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", bundle, "--json", str(path)],
-                           check=True)
-            results.append(json.loads(path.read_text()))
+            with SharedMachine() as machine:
+                subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", bundle, "--json", str(path)],
+                               check=True)
+            results.append({**json.loads(path.read_text()), "machine": machine.facts()})
     cuda = torch.cuda.is_available() and arguments.device in (None, "cuda")
     report = {"environment": {
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", "benchmarks/pretraining.py", *sys.argv[1:]]),

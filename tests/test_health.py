@@ -202,3 +202,17 @@ def test_step_logger_draws_a_bar_between_its_lines_on_a_terminal():
     assert len(logged) == 2 and all(line.split("\r")[-1].startswith("\033[Kstep ") for line in logged)
     assert text.endswith("\r\033[K") or text.endswith("\n")
     assert "\r" not in run_logger(lambda step: {"loss": torch.tensor(1.0), "volumes": 2})  # a log file: lines only
+
+
+def test_loader_workers_stay_within_this_process_share_of_the_cores(monkeypatch):
+    import os
+
+    from voco.distributed import loader_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert loader_workers(4) == min(4, cores) and loader_workers(0) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # more processes per node than cores: one worker each
+    assert loader_workers(4) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers(4) == 4 and loader_workers(16) == 8

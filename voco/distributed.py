@@ -1,12 +1,22 @@
-"""One place for torchrun: whether a process group runs, this process's rank, objects across ranks, and the
-DistributedDataParallel wrapper (and how to see through it and through `torch.compile`)."""
+"""One place for torchrun: whether a process group runs, this process's rank, objects across ranks, the
+DistributedDataParallel wrapper (and how to see through it and through `torch.compile`), and this process's share
+of the node's cores for loader workers."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+def loader_workers(requested: int = 4) -> int:
+    """`requested` loader workers, but no more than this process's share of the cores it may run on (torchrun
+    starts LOCAL_WORLD_SIZE processes per node): more workers than cores only compete, and PyTorch warns."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(0, min(int(requested), share))
 
 
 def is_distributed() -> bool:

@@ -1,4 +1,5 @@
-"""The benchmarks' memory figures belong to the process measured (`benchmarks/memory.py`)."""
+"""The benchmarks' harness: memory figures that belong to the process measured (`benchmarks/memory.py`), and a
+record of other work sharing the CPUs (`benchmarks/machine.py`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ from pathlib import Path
 
 import torch
 
-spec = importlib.util.spec_from_file_location("benchmark_memory", Path(__file__).parents[1] / "benchmarks" / "memory.py")
-memory = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(memory)
+
+
+def benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", Path(__file__).parents[1] / "benchmarks" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+memory, machine = benchmark_module("memory"), benchmark_module("machine")
 
 PARENT = r"""
 import resource, subprocess, sys
@@ -55,3 +64,19 @@ def test_worker_memory_sees_what_a_loader_worker_adds():
     assert workers.count == 1
     assert workers.peak_unique_mb > 100 and workers.peak_pss_mb >= workers.peak_unique_mb - 1
     assert memory.peak_rss_mb() > 0 and memory.unique_and_proportional_mb(2**22 + 7) is None
+
+
+def test_other_work_during_a_measurement_is_recorded():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # not ours: never waited for inside
+    try:
+        time.sleep(0.5)
+        with machine.SharedMachine() as shared:
+            time.sleep(1.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    facts = shared.facts()
+    cores = len(__import__("os").sched_getaffinity(0))
+    assert facts["other_share"] > 0.6 / cores, facts  # one core kept busy by another process
+    assert facts["load_before"] >= 0 and machine.warning(facts).startswith("other work used ")
+    assert machine.warning({"other_share": 0.01}) == ""
