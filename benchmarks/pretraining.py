@@ -328,6 +328,9 @@ def measure_bundle(bundle: str, arguments: argparse.Namespace) -> dict:
 
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
+    from voco.allocation import keep_freed_memory
+
+    keep_freed_memory()  # as the bundle's own prepare_run does in a training process
     out = Path(arguments.out)
     manifest = volumes_manifest(arguments)
     datalist = to_datalist(load_manifest(manifest))

@@ -7,12 +7,15 @@ Reference-like: for each crop of each volume, a MONAI chain as in the reference 
 per volume, since the random centres change), the labels computed in Python, then the crops stacked
 into a batch as the DataLoader's collate would.
 
-    .venv/bin/python benchmarks/voco_inputs.py --threads 1 --batch 4 --repeats 30
+The floor is plain torch slicing of the same 11 crops, flipped as drawn, copied into one batch tensor.
+
+    .venv/bin/python benchmarks/voco_inputs.py --threads 1 --batches 1 2 4 8 16 --repeats 15
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -77,44 +80,78 @@ def median_ms(functions: list, repeats: int) -> list[float]:
     return [statistics.median(samples) for samples in times]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--batch", type=int, default=4, help="volumes per batch")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--device", default="cpu", help="device of our path (the reference path is CPU only)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def floor_inputs(regions: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out: torch.Tensor) -> None:
+    """The floor: plain torch slicing of the same crops, each flipped as drawn and copied into one batch tensor
+    (the least memory traffic any implementation needs: read each crop once, write it once)."""
+    for b, n in itertools.product(range(boxes.shape[0]), range(boxes.shape[1])):
+        x0, y0, z0, x1, y1, z1 = boxes[b, n].tolist()
+        crop = regions[b, :, x0:x1, y0:y1, z0:z1]
+        dims = [1 + axis for axis in range(3) if flips[b, n, axis]]
+        out[b, n].copy_(crop.flip(dims) if dims else crop)
 
+
+def measure(batch: int, repeats: int, device: str) -> dict[str, float]:
+    """ms per volume of ours, the floor and the per-crop MONAI chains at one batch size, interleaved."""
     from monai.data import MetaTensor
 
     from voco.geometry import VOCO_V2_LAYOUT
-    from voco.pretext.voco import V2_AUGMENTATION, make_crops
+    from voco.geometry import sample_random_boxes
+    from voco.pretext.voco import make_crops, reference_augmentation, sample_augmentation
 
     layout = VOCO_V2_LAYOUT
-    regions = torch.rand(args.batch, 1, *layout.region_size, generator=torch.Generator().manual_seed(0))
-    device_regions = regions.to(args.device)
+    augmentation = reference_augmentation(layout)
+    regions = torch.rand(batch, 1, *layout.region_size, generator=torch.Generator().manual_seed(0))
+    device_regions = regions.to(device)
     generator = torch.Generator().manual_seed(0)
 
     def ours() -> None:
-        views = make_crops(device_regions, layout, 2, "reference", V2_AUGMENTATION, generator)
+        views = make_crops(device_regions, layout, 2, "reference", augmentation, generator)
         if device_regions.is_cuda:
             torch.cuda.synchronize()
-        assert views.crops.shape == (args.batch, 11, 1, 64, 64, 64)
+        assert views.crops.shape == (batch, 11, 1, 64, 64, 64)
+
+    boxes = torch.cat([layout.base_boxes().expand(batch, -1, -1),
+                       sample_random_boxes(layout, 2, batch, "reference", torch.Generator().manual_seed(1))], dim=1)
+    flips = sample_augmentation(augmentation, batch, 11, torch.Generator().manual_seed(2))[0]
+    out = torch.empty(batch, 11, 1, 64, 64, 64)
+
+    def floor() -> None:
+        floor_inputs(regions, boxes, flips, out)
 
     volumes = [{"image": MetaTensor(region)} for region in regions]
     rng = np.random.default_rng(0)
 
     def reference() -> None:
         crops, labels = reference_inputs(volumes, rng)
-        assert crops.shape == (args.batch, 11, 1, 64, 64, 64) and labels.shape == (args.batch, 2, 9)
+        assert crops.shape == (batch, 11, 1, 64, 64, 64) and labels.shape == (batch, 2, 9)
 
-    ours_ms, reference_ms = (ms / args.batch for ms in median_ms([ours, reference], args.repeats))
-    print(f"VoCo V2 inputs (region {layout.region_size}, 9 base + 2 random crops of 64^3, batch {args.batch}, "
-          f"{args.threads} thread(s), median of {args.repeats})")
-    print(f"  ours ({args.device}, batched gather): {ours_ms:8.2f} ms per volume")
-    print(f"  per-crop MONAI chain (cpu):  {reference_ms:8.2f} ms per volume")
-    print(f"  ratio: {reference_ms / ours_ms:.1f}x less time for ours")
+    ours_ms, floor_ms, reference_ms = (ms / batch for ms in median_ms([ours, floor, reference], repeats))
+    return {"batch": batch, "ours": ours_ms, "floor": floor_ms, "reference": reference_ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="volumes per batch")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cpu", help="device of our path (the reference path is CPU only)")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="leave glibc's defaults (every batch-sized tensor on fresh pages) instead of what a "
+                             "training process does (voco.allocation.keep_freed_memory)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.fresh_pages:
+        from voco.allocation import keep_freed_memory
+
+        keep_freed_memory()
+    print(f"VoCo V2 inputs (region 192x192x64, 9 base + 2 random crops of 64^3), {args.threads} thread(s), median "
+          f"of {args.repeats}, ms per volume; ours on {args.device}, floor and per-crop MONAI chains on the CPU")
+    print("| batch | ours | floor (plain slicing + flips) | per-crop MONAI | ours / floor | MONAI / ours |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batches:
+        row = measure(batch, args.repeats, args.device)
+        print(f"| {batch} | {row['ours']:.2f} | {row['floor']:.2f} | {row['reference']:.2f} | "
+              f"{row['ours'] / row['floor']:.2f} | {row['reference'] / row['ours']:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -157,17 +157,24 @@ def test_uniform_sampling_reaches_every_edge_and_is_reproducible():
 def test_crop_boxes_equals_slicing_then_flip_then_rot90():
     images = torch.randn(2, 2, 11, 11, 7)
     boxes = torch.tensor([[[1, 2, 0, 6, 7, 4], [0, 0, 3, 5, 5, 7]], [[6, 6, 1, 11, 11, 5], [3, 4, 2, 8, 9, 6]]])
+    offsets = torch.tensor([[0.0, 0.25], [-0.1, 0.0]])
     for flip_axes in itertools.product([False, True], repeat=3):
         for k in range(4):
             flips = torch.tensor(flip_axes).expand(2, 2, 3)
-            crops = crop_boxes(images, boxes, flips, torch.full((2, 2), k))
-            assert crops.shape == (2, 2, 2, 5, 5, 4)
-            for b, n in itertools.product(range(2), range(2)):
-                x0, y0, z0, x1, y1, z1 = boxes[b, n].tolist()
-                reference = images[b, :, x0:x1, y0:y1, z0:z1]
-                axes = [1 + d for d in range(3) if flip_axes[d]]
-                reference = torch.rot90(reference.flip(axes) if axes else reference, k, dims=(1, 2))
-                assert torch.equal(crops[b, n], reference), (flip_axes, k)
+            # crop by crop (the CPU's way) and in one gather (the GPU's way): the same tensors, bit for bit
+            for one_by_one in (True, False):
+                crops = crop_boxes(images, boxes, flips, torch.full((2, 2), k), offsets, one_by_one=one_by_one)
+                assert crops.shape == (2, 2, 2, 5, 5, 4)
+                for b, n in itertools.product(range(2), range(2)):
+                    x0, y0, z0, x1, y1, z1 = boxes[b, n].tolist()
+                    reference = images[b, :, x0:x1, y0:y1, z0:z1]
+                    axes = [1 + d for d in range(3) if flip_axes[d]]
+                    reference = torch.rot90(reference.flip(axes) if axes else reference, k, dims=(1, 2))
+                    assert torch.equal(crops[b, n], reference + offsets[b, n]), (flip_axes, k, one_by_one)
+    mixed = torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(0)) < 0.5  # different per crop
+    rotations = torch.tensor([[1, 0], [3, 2]])
+    assert torch.equal(crop_boxes(images, boxes, mixed, rotations, offsets, one_by_one=True),
+                       crop_boxes(images, boxes, mixed, rotations, offsets, one_by_one=False))
 
 
 def test_crop_boxes_rejects_unequal_sizes():

@@ -254,14 +254,19 @@ def sample_random_boxes(layout: CropLayout, num_crops: int, batch_size: int = 1,
 # Cutting crops out of a batch of regions
 # --------------------------------------------------------------------------------------------------
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | None = None,
-               rotations: torch.Tensor | None = None) -> torch.Tensor:
-    """Cut equally sized crops out of a batch of 3-D images with one gather, optionally flipped and rotated.
+               rotations: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+               one_by_one: bool | None = None) -> torch.Tensor:
+    """Cut equally sized crops out of a batch of 3-D images, optionally flipped, rotated and shifted in intensity.
 
-    How: a crop is a stack of ``sx`` y-z slabs, and the slab at every (y0, z0) is a view of the images
-    (``unfold``), so one gather over (b, n, x) copies whole contiguous slabs, with x flips folded into
-    the x indices. ``torch.rot90`` by k is a flip of x and/or y followed, for odd k, by an x-y transpose;
-    what is left after the gather (y flips, z flips, transposes) is applied to the crops that have it,
-    grouped by combination. No per-crop transform chain.
+    ``torch.rot90`` by k is a flip of x and/or y followed, for odd k, by an x-y transpose. Two ways, same result:
+
+    - on a GPU, one gather: a crop is a stack of ``sx`` y-z slabs, and the slab at every (y0, z0) is a view of the
+      images (``unfold``), so one gather over (b, n, x) copies whole contiguous slabs, with x flips folded into the
+      x indices; what is left (y and z flips, transposes) is applied to the crops that have it, grouped by
+      combination; few kernel launches whatever the batch;
+    - on the CPU (`one_by_one`, the default there), crop by crop: slice, flip, copy into the batch and add the
+      offset while the crop is in the cache, so the cost per volume is that of plain slicing at any batch size
+      (the gather's later passes over a batch of crops larger than the cache cost twice as much from batch 4 on).
 
     Args:
         images: ``[B, C, X, Y, Z]``.
@@ -270,9 +275,11 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | 
         flips: optional ``[B, N, 3]`` bools: flip the crop along x, y, z.
         rotations: optional ``[B, N]`` ints k in 0..3: then ``torch.rot90(crop, k, dims=(x, y))``
             (applied after the flips; needs ``sx == sy`` when k is odd).
+        offsets: optional ``[B, N]`` intensity shifts added to each crop.
+        one_by_one: crop by crop (default: on the CPU) or in one gather (default elsewhere).
 
     Returns:
-        ``[B, N, C, sx, sy, sz]``, equal to ``rot90(flip(images[b, :, x0:x1, y0:y1, z0:z1]), k)``.
+        ``[B, N, C, sx, sy, sz]``, equal to ``rot90(flip(images[b, :, x0:x1, y0:y1, z0:z1]), k) + offset``.
     """
     batch_size, num_crops = boxes.shape[:2]
     device = images.device
@@ -289,6 +296,11 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | 
     reverse_y = flips[..., 1] ^ ((rotations == 1) | (rotations == 2))
     after_gather = reverse_y.long() + 2 * flips[..., 2].long() + 4 * transpose.long()  # [B, N] codes 0..7
 
+    if one_by_one is None:
+        one_by_one = images.device.type == "cpu"
+    if one_by_one:
+        return _crop_one_by_one(images, boxes, size, torch.stack([reverse_x, reverse_y, flips[..., 2]], -1),
+                                transpose, offsets)
     boxes, reverse_x = boxes.to(device=device, dtype=torch.long), reverse_x.to(device)
     steps = torch.arange(size[0], device=device)
     x = boxes[..., 0, None] + torch.where(reverse_x[..., None], size[0] - 1 - steps, steps)  # [B, N, sx]
@@ -307,6 +319,30 @@ def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | 
         if code & 4:
             selected = selected.transpose(-3, -2)
         crops[which] = selected
+    if offsets is not None:
+        crops.add_(offsets.to(crops)[..., None, None, None, None])  # in place: crops is a fresh tensor
+    return crops
+
+
+def _crop_one_by_one(images: torch.Tensor, boxes: torch.Tensor, size: Sequence[int], reverse: torch.Tensor,
+                     transpose: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """`crop_boxes` crop by crop: ``reverse [B, N, 3]`` flips x, y, z, then ``transpose [B, N]`` swaps x and y."""
+    batch_size, num_crops = boxes.shape[:2]
+    crops = images.new_empty(batch_size, num_crops, images.shape[1], *size)
+    starts, reverse, transpose = boxes[..., :3].tolist(), reverse.tolist(), transpose.tolist()
+    shifts = offsets.tolist() if offsets is not None else None
+    for b in range(batch_size):
+        for n in range(num_crops):
+            x0, y0, z0 = starts[b][n]
+            crop = images[b, :, x0:x0 + size[0], y0:y0 + size[1], z0:z0 + size[2]]
+            dims = [1 + axis for axis in range(3) if reverse[b][n][axis]]
+            if dims:
+                crop = crop.flip(dims)
+            if transpose[b][n]:
+                crop = crop.transpose(1, 2)
+            crops[b, n].copy_(crop)
+            if shifts is not None and shifts[b][n]:
+                crops[b, n].add_(shifts[b][n])
     return crops
 
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import torch.distributed as dist
 
+from voco.allocation import keep_freed_memory
 from voco.bundles import check_command_line
 from voco.distributed import get_rank, is_distributed
 from voco.errors import ConfigError
@@ -28,8 +29,10 @@ def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str,
     this runs in). The bundles release the lock in ``finalize`` (`voco.engine.release_run`). A pretraining bundle
     passes its `facts` (manifest, dataset_dir, preset, region size, backbone): they are written to
     ``<run folder>/pretraining.json``, what `voco export` carries beside the encoder
-    (`voco.checkpoints.provenance`)."""
+    (`voco.checkpoints.provenance`). The training process keeps freed memory for its next step
+    (`voco.allocation`: no page fault per page of every batch-sized tensor)."""
     check_command_line()  # before anything is written: a mistyped override stops the run with the setting meant
+    keep_freed_memory()
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     if lock and get_rank() == 0:

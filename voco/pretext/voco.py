@@ -134,13 +134,14 @@ def make_crops(images: torch.Tensor, layout: CropLayout, random_crops_per_volume
     flips = rotations = offsets = None
     if augmentation is not None:
         flips, rotations, offsets = sample_augmentation(augmentation, batch_size, num_base + num_random, generator)
-    crops = crop_boxes(images, boxes, flips, rotations)  # [B, N, C, *crop_size]
+    # the intensity shift goes with the cut unless the crops are resized first
+    crops = crop_boxes(images, boxes, flips, rotations, None if layout.needs_resize else offsets)  # [B, N, C, ...]
     if layout.needs_resize:
         crops = F.interpolate(crops.flatten(0, 1), size=layout.input_size, mode="trilinear",
                               align_corners=layout.align_corners)
         crops = crops.view(batch_size, num_base + num_random, channels, *layout.input_size)
-    if offsets is not None:
-        crops.add_(offsets.to(crops)[..., None, None, None, None])  # in place: crops is a fresh tensor
+        if offsets is not None:
+            crops.add_(offsets.to(crops)[..., None, None, None, None])  # in place: crops is a fresh tensor
     device = images.device
     return VoCoCrops(crops, base_boxes.to(device), random_boxes.to(device), labels.to(device))
 
