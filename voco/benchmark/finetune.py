@@ -241,6 +241,16 @@ class PerClassMetrics:
                 [by_class[member] for member in members]).nanmean())
 
 
+def inference_images(task: Task, datalist_split: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
+    """The images inference predicts by default: those of the held-out cases of ``(training, validation)``."""
+    return [entry[task.image_key] for entry in datalist_split[1]]
+
+
+def inference_datalist(task: Task, images: Sequence[str]) -> list[dict]:
+    """Image paths as the entries the task's inference transforms read."""
+    return [{task.image_key: image} for image in images]
+
+
 class ValidationPicture:
     """After a validation that gives the best key metric so far (and after the first): the most labelled axial
     slice of one case — image, ground truth, prediction — in radiological convention with orientation letters,

@@ -119,6 +119,16 @@ def checkpoint_backbone(path: str | os.PathLike) -> tuple[str, str]:
     return _checkpoint_backbone(str(resolved), resolved.stat().st_mtime_ns if resolved.is_file() else -1)
 
 
+def task_findings(task: Task) -> list[str] | None:
+    """The findings a study's report is scored on: the task's class names (None for a retrieval-only task)."""
+    return list(task.class_names) or None
+
+
+def epochs_trained(mode: str, max_epochs: int) -> int:
+    """A zero-shot row trains nothing: 0 epochs in its record, whatever `max_epochs` says."""
+    return 0 if mode == "zero_shot" else int(max_epochs)
+
+
 def plan_cells(task: Task, sources: Sequence[str], *, modes: Sequence[str] | None, seeds: Sequence[int],
                training_cases: int | None = None) -> list[Cell]:
     """The grid cells of a vision-language task (`voco.benchmark.runs.plan_grid` calls this).
