@@ -449,7 +449,7 @@ BUNDLE_STEPS = 8
 def start_smoke_run(cwd: Path, run_name: str) -> subprocess.Popen:
     command = bundle_command(*SMOKE, "--max_steps", str(BUNDLE_STEPS), "--checkpoint_interval", "1",
                              "--log_interval", "1", "--tracking", "mlflow", "--tracking_uri",
-                             tracking_store(cwd), "--run_name", run_name)
+                             tracking_store(cwd), "--run_name", run_name, "--probe", "False")  # not under test here
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
