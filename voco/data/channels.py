@@ -21,6 +21,11 @@ from voco.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
+def image_files(image: Any) -> list:
+    """The files of an entry's ``image``: the list of a stacked entry's channels, else the one file."""
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
 def check_channels(channels: Any) -> list[str] | None:
     """The channel list of a setting (None or an empty list: one channel, no stacking), or one sentence."""
     if channels is None or (isinstance(channels, (list, tuple)) and not channels):

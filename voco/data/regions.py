@@ -28,7 +28,7 @@ from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import json_hashing
 
-from voco.data.channels import check_channels, stack_channels
+from voco.data.channels import check_channels, image_files, stack_channels
 from voco.data.manifest import load_manifest, to_datalist
 from voco.data.compact import ExpandIntensityd, UnpackCompactd, compact_transforms, stored_dtype
 from voco.data.presets import Preset, get_preset
@@ -74,8 +74,7 @@ class CheckHeaderd(mt.MapTransform):
         from voco.data.volumes import read_header
 
         for key in self.key_iterator(data):
-            paths = data[key] if isinstance(data[key], (list, tuple)) else [data[key]]  # a list: stacked channels
-            for path in paths:
+            for path in image_files(data[key]):  # several for stacked channels
                 if not isinstance(path, (str, os.PathLike)):
                     continue  # already an array: nothing left to refuse before allocation
                 series = data.get("series") if key == self.keys[0] else None  # a DICOM series is the image's
@@ -331,8 +330,7 @@ def preflight(datalist: Sequence[Mapping[str, Any]], max_bad_fraction: float = 0
     picked = range(len(datalist)) if len(datalist) <= sample_size else sorted(
         np.random.default_rng(seed).choice(len(datalist), sample_size, replace=False))
     def first_problem(image: str | Sequence[str]) -> list[str]:  # a list: the files of stacked channels
-        return [problem for path in (image if isinstance(image, (list, tuple)) else [image])
-                for problem in check_volume(path, read_voxels=False)][:1]
+        return [problem for path in image_files(image) for problem in check_volume(path, read_voxels=False)][:1]
 
     problems = [problem for index in picked for problem in first_problem(datalist[index]["image"])]
     logger.info("preflight: %d of %d volume headers checked are bad", len(problems), len(picked))

@@ -56,6 +56,11 @@ class DefaultMLFlowHandler(MLFlowHandler):
             super().close()
 
 
+def total_steps(engine: Engine) -> int:
+    """The steps the run goes to: the trainer's `max_steps`, else epochs times their length."""
+    return getattr(engine, "max_steps", None) or engine.state.epoch_length * engine.state.max_epochs
+
+
 class StepLogger:
     """Every `interval` iterations: print progress and log the step's losses, metrics, lr and throughput (rank 0
     under torchrun).
@@ -103,8 +108,7 @@ class StepLogger:
             return
         done = engine.state.iteration - 1
         if self._bar is None:  # made at the first step, after a resumed run has restored its iteration
-            total = getattr(engine, "max_steps", None) or engine.state.epoch_length * engine.state.max_epochs
-            self._bar = Progress(total, "steps", stream=self.stream, start=done)
+            self._bar = Progress(total_steps(engine), "steps", stream=self.stream, start=done)
         elif done > self._bar.start:
             self._bar.update(done)
 
@@ -125,7 +129,7 @@ class StepLogger:
         output = engine.state.output[0]
         self._volumes += int(output.get("volumes", 0))
         iteration = engine.state.iteration
-        total = getattr(engine, "max_steps", None) or engine.state.epoch_length * engine.state.max_epochs
+        total = total_steps(engine)
         last = iteration >= total or getattr(engine.state, "stop_reason", None) is not None
         if iteration % self.interval and not last:
             return
