@@ -57,13 +57,15 @@ def child_pids(pid: int | None = None) -> list[int]:
 
 
 class WorkerMemory:
-    """``with WorkerMemory() as workers: ...``: the largest USS and PSS any child process (loader worker) of this
-    process reached, sampled every `interval_s` seconds on a thread (``workers.peak_unique_mb``, ``.peak_pss_mb``,
-    ``.count``: how many distinct children were seen)."""
+    """``with WorkerMemory() as workers: ...``: the largest USS and PSS any child process (loader worker) that this
+    process started inside the block reached, sampled every `interval_s` seconds on a thread
+    (``workers.peak_unique_mb``, ``.peak_pss_mb``, ``.count``: how many distinct children were seen). Children
+    that were there before the block (an earlier loader's persistent workers) are not counted."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
         self.interval_s, self.peak_unique_mb, self.peak_pss_mb = interval_s, 0.0, 0.0
         self._seen: set[int] = set()
+        self._before: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -72,7 +74,7 @@ class WorkerMemory:
         return len(self._seen)
 
     def sample(self) -> None:
-        for pid in child_pids():
+        for pid in set(child_pids()) - self._before:
             memory = unique_and_proportional_mb(pid)
             if memory is not None:
                 self._seen.add(pid)
@@ -84,6 +86,7 @@ class WorkerMemory:
             self.sample()
 
     def __enter__(self) -> "WorkerMemory":
+        self._before = set(child_pids())
         self._thread.start()
         return self
 

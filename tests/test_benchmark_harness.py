@@ -59,9 +59,12 @@ class _Hungry(torch.utils.data.Dataset):
 
 def test_worker_memory_sees_what_a_loader_worker_adds():
     loader = torch.utils.data.DataLoader(_Hungry(), num_workers=1, batch_size=None)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a child from before
     with memory.WorkerMemory(interval_s=0.05) as workers:
         assert list(loader) == [1, 1, 1, 1]
-    assert workers.count == 1
+    bystander.kill()
+    bystander.wait()
+    assert workers.count == 1  # the loader's worker, not the child that was there before
     assert workers.peak_unique_mb > 100 and workers.peak_pss_mb >= workers.peak_unique_mb - 1
     assert memory.peak_rss_mb() > 0 and memory.unique_and_proportional_mb(2**22 + 7) is None
 
