@@ -4,6 +4,7 @@ time that went to other processes (`/proc/stat` busy time minus the measured pro
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -44,3 +45,10 @@ def warning(facts: dict[str, float]) -> str:
     """"" or a short warning for a table cell when other work used a noticeable share of the CPUs."""
     share = facts.get("other_share")
     return f"other work used {share:.0%} of the CPUs" if share is not None and share > OTHER_WORK_WARNING else ""
+
+
+def write_report(out: Path, stem: str, report: dict, table: str) -> None:
+    """A measurement's record: OUT/<stem>.json (every number) and OUT/<stem>.md (the table, also printed)."""
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(table)
+    print(table)

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from machine import SharedMachine, warning
+from machine import SharedMachine, warning, write_report
 from memory import WorkerMemory, peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -510,10 +510,7 @@ def main() -> None:
         "cpu_count": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "threads": arguments.threads or torch.get_num_threads(), "size": arguments.size},
         "bundles": results}
-    (out / "pretraining.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (out / "pretraining.md").write_text(table)
-    print(table)
+    write_report(out, "pretraining", report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import SharedMachine, warning
+from machine import SharedMachine, warning, write_report
 
 HERE = Path(__file__).resolve().parent
 
@@ -148,10 +148,7 @@ def main() -> None:
     if arguments.cache:
         report = {"date": time.strftime("%Y-%m-%d"), "cpu_count": len(os.sched_getaffinity(0)), "command": command,
                   "cache": cache_fill(out, arguments.cache_volumes, arguments.cache_shape, arguments.workers)}
-        (out / "scaling_cache.json").write_text(json.dumps(report, indent=2))
-        table = cache_markdown(report)
-        (out / "scaling_cache.md").write_text(table)
-        print(table)
+        write_report(out, "scaling_cache", report, cache_markdown(report))
     if not arguments.counts:
         return
     rows = []
@@ -167,10 +164,7 @@ def main() -> None:
         rows.append(row)
     report = {"date": time.strftime("%Y-%m-%d"), "cpu_count": len(os.sched_getaffinity(0)), "rows": rows,
               "command": command}
-    (out / "scaling_manifest.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (out / "scaling_manifest.md").write_text(table)
-    print(table)
+    write_report(out, "scaling_manifest", report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -72,16 +72,16 @@ def stack_channels(datalist: Sequence[Mapping[str, Any]], channels: Sequence[str
         studies.setdefault((entry.get("dataset"), entry.get("subject"), entry.get("study")), []).append(entry)
     stacked, incomplete = [], []
     for key, scans in studies.items():
-        chosen = []
+        study, chosen = "/".join(str(part) for part in key), []
         for name in names:
             matches = [scan for scan in scans if name in channel_names_of(scan)]
             if len(matches) != 1:
-                incomplete.append(("/".join(str(part) for part in key), name, len(matches)))
+                incomplete.append((study, name, len(matches)))
                 break
             chosen.append(matches[0])
         else:
             if any(scan.get("series") for scan in chosen):
-                raise ConfigError(f"study {'/'.join(str(part) for part in key)} has DICOM series among its channels; "
+                raise ConfigError(f"study {study} has DICOM series among its channels; "
                                   f"stacking channels needs one file per scan, so convert the series to NIfTI first.")
             entry = {field: value for field, value in chosen[0].items() if field not in ("label", "series")}
             entry.update(image=[scan["image"] for scan in chosen], scan_index="+".join(names), channels=list(names))

@@ -282,6 +282,37 @@ def _subject_from_pattern(matcher: re.Pattern, relative: str) -> str | None:
     return match.group(1) if matcher.groups else match.group(0)
 
 
+def _read_headers(root: Path, candidates: Sequence[_Volume], dicom_folders: Sequence[Path], read_voxels: bool,
+                  problems: list[str]) -> list[tuple[_Volume, VolumeHeader]]:
+    """Each candidate's header (a label that does not fit its image is dropped, a bad image skipped, both into
+    `problems`) and each DICOM folder's series, with a progress bar on a terminal or lines in a log."""
+    found: list[tuple[_Volume, VolumeHeader]] = []
+    with Progress(len(candidates) + len(dicom_folders), f"volumes read under {root}",
+                  minimum=PROGRESS_MINIMUM) as progress:
+        for volume in candidates:
+            header, volume_problems = inspect_volume(volume.path, read_voxels=read_voxels)
+            progress.update()
+            if volume_problems:
+                problems.extend(volume_problems)
+                continue
+            if volume.label is not None:
+                label_header, label_problems = inspect_volume(volume.label, read_voxels=read_voxels)
+                if label_problems:
+                    problems.extend(f"{message.rstrip('.')}; its image {volume.path.name} is kept without a label."
+                                    for message in label_problems[:1])
+                    volume.label = None
+                elif label_header.spatial_shape != header.spatial_shape:
+                    problems.append(f"{volume.label} has the shape {list(label_header.spatial_shape)} but its "
+                                    f"image {volume.path.name} has {list(header.spatial_shape)}, so the image is kept "
+                                    f"without a label; fix or remove the label.")
+                    volume.label = None
+            found.append((volume, header))
+        for folder in dicom_folders:
+            found.extend(_dicom_series(folder, read_voxels, problems))
+            progress.update()
+    return found
+
+
 def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: str | None = None,
                 read_voxels: bool = False, subject_pattern: str | None = None) -> tuple[list[dict], list[str]]:
     """Find every volume under `directory` and describe it as a manifest record, reading headers only.
@@ -312,30 +343,7 @@ def scan_folder(directory: str | os.PathLike, *, modality: str = "CT", dataset: 
     channel_folders = _strip_channel_folders(files)
     candidates = _pair_labels(files, channel_folders, problems)
 
-    found: list[tuple[_Volume, VolumeHeader]] = []
-    progress = Progress(len(candidates) + len(dicom_folders), f"volumes read under {root}", minimum=PROGRESS_MINIMUM)
-    for volume in candidates:
-        header, volume_problems = inspect_volume(volume.path, read_voxels=read_voxels)
-        progress.update()
-        if volume_problems:
-            problems.extend(volume_problems)
-            continue
-        if volume.label is not None:
-            label_header, label_problems = inspect_volume(volume.label, read_voxels=read_voxels)
-            if label_problems:
-                problems.extend(f"{message.rstrip('.')}; its image {volume.path.name} is kept without a label."
-                                for message in label_problems[:1])
-                volume.label = None
-            elif label_header.spatial_shape != header.spatial_shape:
-                problems.append(f"{volume.label} has the shape {list(label_header.spatial_shape)} but its image "
-                                f"{volume.path.name} has {list(header.spatial_shape)}, so the image is kept without "
-                                f"a label; fix or remove the label.")
-                volume.label = None
-        found.append((volume, header))
-    for folder in dicom_folders:
-        found.extend(_dicom_series(folder, read_voxels, problems))
-        progress.update()
-    progress.close()
+    found = _read_headers(root, candidates, dicom_folders, read_voxels, problems)
 
     one_dataset = dataset is not None or _first_level_holds_subjects(root, [volume for volume, _ in found])
     records, unmatched = [], []

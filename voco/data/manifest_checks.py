@@ -53,25 +53,24 @@ def check_manifest(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | 
     datalist = to_datalist(load_manifest(path), dataset_dir=dataset_dir)
     rows = ProblemRows()
     rows.scans = len(datalist)
-    progress = Progress(len(datalist), f"scans checked of {path}", minimum=PROGRESS_MINIMUM)
-    for entry in datalist:
-        where = f"{entry['dataset']}/{entry['subject']}/{entry['study']}/{entry['scan_index']}"
-        header, problems = inspect_volume(entry["image"], read_voxels=read_voxels, series=entry.get("series"))
-        if header is not None and not problems:
-            for fact, actual in (("shape", header.spatial_shape), ("spacing", header.spacing)):
-                if fact in entry and _facts_differ(entry[fact], actual):
-                    problems.append(f"{entry['image']} has the {fact} {list(actual)} but the manifest records "
-                                    f"{entry[fact]}; rebuild the manifest with `voco manifest build`.")
-        rows.extend({"entry": where, "path": entry["image"], "problem": problem} for problem in problems)
-        if "label" in entry:
-            label_header, label_problems = inspect_volume(entry["label"], read_voxels=read_voxels)
-            if header is not None and label_header is not None and not label_problems \
-                    and label_header.spatial_shape != header.spatial_shape:
-                label_problems.append(f"{entry['label']} has the shape {list(label_header.spatial_shape)} but its "
-                                      f"image has {list(header.spatial_shape)}; give the label of this image.")
-            rows.extend({"entry": where, "path": entry["label"], "problem": problem} for problem in label_problems)
-        progress.update()
-    progress.close()
+    with Progress(len(datalist), f"scans checked of {path}", minimum=PROGRESS_MINIMUM) as progress:
+        for entry in datalist:
+            where = f"{entry['dataset']}/{entry['subject']}/{entry['study']}/{entry['scan_index']}"
+            header, problems = inspect_volume(entry["image"], read_voxels=read_voxels, series=entry.get("series"))
+            if header is not None and not problems:
+                for fact, actual in (("shape", header.spatial_shape), ("spacing", header.spacing)):
+                    if fact in entry and _facts_differ(entry[fact], actual):
+                        problems.append(f"{entry['image']} has the {fact} {list(actual)} but the manifest records "
+                                        f"{entry[fact]}; rebuild the manifest with `voco manifest build`.")
+            rows.extend({"entry": where, "path": entry["image"], "problem": problem} for problem in problems)
+            if "label" in entry:
+                label_header, label_problems = inspect_volume(entry["label"], read_voxels=read_voxels)
+                if header is not None and label_header is not None and not label_problems \
+                        and label_header.spatial_shape != header.spatial_shape:
+                    label_problems.append(f"{entry['label']} has the shape {list(label_header.spatial_shape)} but its "
+                                          f"image has {list(header.spatial_shape)}; give the label of this image.")
+                rows.extend({"entry": where, "path": entry["label"], "problem": problem} for problem in label_problems)
+            progress.update()
     return rows
 
 
