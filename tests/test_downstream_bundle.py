@@ -60,11 +60,9 @@ def test_evaluate_and_predict_from_the_run_alone(finetuned, tmp_path, monkeypatc
     """The run folder's settings.json rebuilds the network, preprocessing and data: evaluate with MONAI's
     --args_file from another folder, predict with `voco benchmark infer RUN`; a setting that shapes the network
     given differently, or no run at all, is one sentence before any volume is cached."""
-    import subprocess
-
     import nibabel as nib
 
-    from conftest import bundle_command
+    from conftest import bundle_command, run_module_in_process
     from voco.bundles import run_bundle as run_in_process
     from voco.cli import main
     from voco.errors import ConfigError
@@ -76,9 +74,8 @@ def test_evaluate_and_predict_from_the_run_alone(finetuned, tmp_path, monkeypatc
         "phantom-seg", "tiny", 2, "cell")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    evaluated = subprocess.run(bundle_command("downstream_benchmark", ["train.json", "evaluate.json"], "--args_file",
-                                              str(folder / "settings.json")),
-                               cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    evaluated = run_module_in_process(bundle_command("downstream_benchmark", ["train.json", "evaluate.json"],
+                                                     "--args_file", str(folder / "settings.json")), elsewhere)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "metric/dice" in (folder / "evaluation" / "metrics.csv").read_text()
 
@@ -98,9 +95,8 @@ def test_evaluate_and_predict_from_the_run_alone(finetuned, tmp_path, monkeypatc
     assert isinstance(caught.value.__cause__, ConfigError)
     assert "was trained with window_size 2, but this command gives window_size 7" in str(caught.value.__cause__)
     # without the run's settings the run folder is another one
-    lost = subprocess.run(bundle_command("downstream_benchmark", ["train.json", "evaluate.json"], "--task",
-                                         "phantom-seg", "--dataset_dir", str(elsewhere)),
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    lost = run_module_in_process(bundle_command("downstream_benchmark", ["train.json", "evaluate.json"], "--task",
+                                                "phantom-seg", "--dataset_dir", str(elsewhere)), cwd)
     assert lost.returncode == 1
     last = lost.stderr.strip().splitlines()[-1]
     assert last.startswith("error: there is no trained model ") and "model.pt (" in last

@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tracking_store
+from conftest import run_module_in_process, tracking_store
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "downstream_benchmark"
@@ -99,7 +98,7 @@ def test_phantom_registration_through_the_bundle(tmp_path):
                "--bundle_root", str(BUNDLE), "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
                "--task", "phantom-reg", "--max_epochs", "1", "--tracking", "mlflow",
                "--tracking_uri", tracking_uri, "--run_name", "reg"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    result = run_module_in_process(command, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bundle_command, run_until_step_line, same_tensors, tracking_store, write_bad_volumes
+from conftest import (bundle_command, run_module_in_process, run_until_step_line, same_tensors, tracking_store,
+                      write_bad_volumes)
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.handlers import CheckpointLoader, LrScheduleHandler
@@ -544,7 +545,7 @@ def mixed_manifest(folder: Path, extra_missing: int = 0) -> tuple[Path, list[str
 def run_smoke_bundle(cwd: Path, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
     command = bundle_command(*SMOKE, "--tracking", "mlflow", "--tracking_uri", tracking_store(cwd),
                              "--run_name", run_name, *overrides)
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return run_module_in_process(command, cwd)
 
 
 def test_bad_volumes_in_a_bundle_run_are_skipped_counted_and_named(tmp_path):
