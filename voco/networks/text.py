@@ -11,6 +11,11 @@ image-text space belongs to the CLIP pretext):
   imported only when one is built (``pip install 'voco[text]'``), and nothing is ever downloaded.
 
 `build_text_encoder` makes either from the keys of a bundle config.
+
+Both also offer a token-level API for objectives that work on words and sentences (MG-3D's masked language
+modelling and sentence features, `voco.pretext.mg3d`): ``word_pieces(text)``, ``special_token_ids``,
+``vocabulary_size``, ``embed_tokens`` (the embedding layer alone), ``encode_tokens`` and ``token_strings``;
+`tokenize_sentences` lays reports out sentence by sentence and `whole_word_mask` masks them as BERT does.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +35,8 @@ from voco.networks.vit import Block
 
 TEXT_ENCODERS = ("small", "huggingface")
 POOLINGS = ("cls", "mean")
+MASK_TOKEN = "[MASK]"  # a word the report tokenizer never produces from text: a vocabulary holding it can mask
+IGNORE_INDEX = -100  # label of a token that is not predicted (torch's cross_entropy default)
 
 # Numbers (3, 3.5) before words (t2, ct, hypodense) before single punctuation marks (. , - / ( ) %).
 _TOKEN_PATTERN = re.compile(r"\d+(?:\.\d+)*|[^\W\d_][^\W_]*|[^\w\s]|_")
@@ -166,13 +173,17 @@ class SmallTextEncoder(nn.Module):
         nn.init.trunc_normal_(self.token_embedding.weight, std=0.02)  # BERT's / CLIP's text initialisation
         nn.init.trunc_normal_(self.position_embedding, std=0.02)
 
-    def encode_tokens(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[B, L]`` and mask ``[B, L]`` (True = a real token) -> normalised tokens ``[B, L, width]``."""
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding layer alone: token + position embeddings ``[B, L, width]`` (no transformer block)."""
         length = token_ids.shape[1]
         if length > self.max_length:
             raise ConfigError(f"{length} tokens exceed the text encoder's max_length {self.max_length}; tokenize "
                               "with its own tokenizer, which truncates.")
-        x = self.embedding_dropout(self.token_embedding(token_ids) + self.position_embedding[:, :length])
+        return self.embedding_dropout(self.token_embedding(token_ids) + self.position_embedding[:, :length])
+
+    def encode_tokens(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, L]`` and mask ``[B, L]`` (True = a real token) -> normalised tokens ``[B, L, width]``."""
+        x = self.embed_tokens(token_ids)
         key_mask = attention_mask.bool()[:, None, None, :]  # [B, heads, queries, keys]: padding is never attended to
         for block in self.blocks:
             x = block(x, key_mask)
@@ -183,6 +194,26 @@ class SmallTextEncoder(nn.Module):
         token_ids, attention_mask = self.tokenizer(texts)
         device = self.token_embedding.weight.device
         return self.encode_tokens(token_ids.to(device), attention_mask.to(device))[:, 0]
+
+    @property
+    def vocabulary_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def special_token_ids(self) -> dict[str, int | None]:
+        """Ids of ``pad``, ``cls``, ``sep`` and ``mask`` (None unless the vocabulary holds ``[MASK]``: build the
+        encoder with ``build_text_encoder(..., mask_token=True)`` or ``with_mask_token(vocabulary)``)."""
+        tokenizer = self.tokenizer
+        return {"pad": tokenizer.PAD, "cls": tokenizer.CLS, "sep": tokenizer.SEP,
+                "mask": tokenizer.token_ids.get(MASK_TOKEN)}
+
+    def word_pieces(self, text: str) -> list[tuple[int, bool]]:
+        """A text's token ids without ``[CLS]``/``[SEP]``, each with whether it starts a word (every token is a word
+        here), untruncated."""
+        return [(self.tokenizer.token_ids.get(word, self.tokenizer.UNK), True) for word in self.tokenizer.words(text)]
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return [self.tokenizer.vocabulary[int(index)] for index in token_ids]
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"vocabulary": list(self.tokenizer.vocabulary), "max_length": self.tokenizer.max_length,
@@ -299,6 +330,39 @@ class HuggingFaceTextEncoder(nn.Module):
         mask = tokens["attention_mask"].to(hidden.dtype)[:, :, None]
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
+    def _needs_graph(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+
+    def encode_tokens(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, L]`` and mask ``[B, L]`` (True = a real token) -> final hidden states ``[B, L, width]``."""
+        with torch.set_grad_enabled(self._needs_graph()):
+            return self.model(input_ids=token_ids, attention_mask=attention_mask.long()).last_hidden_state
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding layer alone (word + position + token-type embeddings, its LayerNorm) ``[B, L, width]``."""
+        with torch.set_grad_enabled(self._needs_graph()):
+            return self.model.embeddings(input_ids=token_ids)
+
+    @property
+    def vocabulary_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def special_token_ids(self) -> dict[str, int | None]:
+        tokenizer = self.tokenizer
+        return {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id,
+                "mask": tokenizer.mask_token_id}
+
+    def word_pieces(self, text: str) -> list[tuple[int, bool]]:
+        """A text's token ids without special tokens, each with whether it starts a word (a WordPiece continuation
+        starts with ``##``, as BERT's whole-word masking reads it), untruncated."""
+        token_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces = self.tokenizer.convert_ids_to_tokens(token_ids)
+        return [(int(index), not piece.startswith("##")) for index, piece in zip(token_ids, pieces)]
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return list(self.tokenizer.convert_ids_to_tokens([int(index) for index in token_ids]))
+
 
 # --------------------------------------------------------------------------------------------------
 # From a bundle config
@@ -306,7 +370,8 @@ class HuggingFaceTextEncoder(nn.Module):
 def build_text_encoder(name: str = "small", *, reports: Iterable[str] | None = None, path: str | None = None,
                        freeze: bool = True, width: int = 256, depth: int = 4, num_heads: int = 4,
                        max_length: int = 128, vocabulary_size: int = 8000, min_count: int = 1,
-                       vocabulary: Sequence[str] | None = None, pooling: str = "cls") -> nn.Module:
+                       vocabulary: Sequence[str] | None = None, pooling: str = "cls",
+                       mask_token: bool = False) -> nn.Module:
     """A text encoder from the keys of a bundle config.
 
     Args:
@@ -321,6 +386,7 @@ def build_text_encoder(name: str = "small", *, reports: Iterable[str] | None = N
         width, depth, num_heads: small only: the transformer.
         max_length: most tokens per report.
         vocabulary_size, min_count: small only: the vocabulary (special tokens included) and the least count of a word.
+        mask_token: small only: add ``[MASK]`` to the vocabulary (masked language modelling; `with_mask_token`).
 
     >>> build_text_encoder("small", reports=["No mass.", "Liver mass."], width=32, depth=1, num_heads=2).width
     32
@@ -328,12 +394,14 @@ def build_text_encoder(name: str = "small", *, reports: Iterable[str] | None = N
     kind = str(name).lower()
     if kind == "small":
         if vocabulary is not None:
+            vocabulary = with_mask_token(vocabulary) if mask_token else vocabulary
             return SmallTextEncoder(vocabulary, width, depth, num_heads, max_length)
         if reports is None:
             raise ConfigError("the small text encoder builds its vocabulary from the training reports; pass reports "
                               "(the report texts of the training scans).")
         tokenizer = ReportTokenizer.from_reports(reports, vocabulary_size, min_count, max_length)
-        return SmallTextEncoder(tokenizer.vocabulary, width, depth, num_heads, max_length)
+        words = with_mask_token(tokenizer.vocabulary) if mask_token else tokenizer.vocabulary
+        return SmallTextEncoder(words, width, depth, num_heads, max_length)
     if kind == "huggingface":
         if path is None:
             raise ConfigError("the huggingface text encoder needs path, a local folder with the model and its "
@@ -342,5 +410,90 @@ def build_text_encoder(name: str = "small", *, reports: Iterable[str] | None = N
     raise ConfigError(f"unknown text encoder {name!r}; use one of {', '.join(TEXT_ENCODERS)}.")
 
 
+# --------------------------------------------------------------------------------------------------
+# Token level: reports laid out sentence by sentence, whole-word masking
+# --------------------------------------------------------------------------------------------------
+def with_mask_token(vocabulary: Sequence[str]) -> list[str]:
+    """The vocabulary with ``[MASK]`` appended (unchanged if it holds it): a small encoder that can be masked."""
+    return list(vocabulary) if MASK_TOKEN in vocabulary else [*vocabulary, MASK_TOKEN]
+
+
+class SentenceTokens(NamedTuple):
+    """Reports tokenized sentence by sentence, ``[CLS] sentence 0 ... sentence S-1 [SEP] [PAD] ...`` (CPU tensors):
+    ``token_ids [B, L]`` int64, ``attention_mask [B, L]`` (False at ``[PAD]``), ``sentence_index [B, L]`` (each
+    token's 0-based sentence, -1 at ``[CLS]``, ``[SEP]``, ``[PAD]``) and ``word_index [B, L]`` (each token's word
+    within its report, -1 at the special tokens)."""
+
+    token_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    sentence_index: torch.Tensor
+    word_index: torch.Tensor
+
+
+def tokenize_sentences(encoder: nn.Module, reports: Sequence[Sequence[str]]) -> SentenceTokens:
+    """Each report's sentences tokenized alone by ``encoder.word_pieces`` and laid out one after the other, so every
+    token knows its sentence exactly (MG-3D's clause ranges); at most ``encoder.max_length`` tokens, ``[SEP]`` kept
+    last. Sentences with no token left are dropped from the numbering.
+
+    >>> encoder = SmallTextEncoder(["no", "mass", "."], width=8, depth=1, num_heads=2)
+    >>> tokens = tokenize_sentences(encoder, [["No mass.", "Mass."]])
+    >>> tokens.token_ids.tolist(), tokens.sentence_index.tolist()
+    ([[2, 4, 5, 6, 5, 6, 3]], [[-1, 0, 0, 0, 1, 1, -1]])
+    """
+    special = encoder.special_token_ids
+    rows = []
+    for sentences in reports:
+        pieces = [(token, starts, sentence) for sentence, text in enumerate(sentences)
+                  for token, starts in encoder.word_pieces(text)][: int(encoder.max_length) - 2]
+        renumber = {sentence: index for index, sentence in enumerate(dict.fromkeys(s for _, _, s in pieces))}
+        words, word = [], -1
+        for position, (_, starts, sentence) in enumerate(pieces):
+            word += bool(starts or position == 0 or pieces[position - 1][2] != sentence)  # words never span sentences
+            words.append(word)
+        rows.append(([special["cls"], *(p[0] for p in pieces), special["sep"]],
+                     [-1, *(renumber[p[2]] for p in pieces), -1], [-1, *words, -1]))
+    length = max(len(ids) for ids, _, _ in rows)
+    token_ids = torch.full((len(rows), length), int(special["pad"]), dtype=torch.long)
+    sentence_index = torch.full((len(rows), length), -1, dtype=torch.long)
+    word_index = torch.full((len(rows), length), -1, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for row, (ids, sentence_of, word_of) in enumerate(rows):
+        token_ids[row, : len(ids)] = torch.tensor(ids)
+        sentence_index[row, : len(ids)] = torch.tensor(sentence_of)
+        word_index[row, : len(ids)] = torch.tensor(word_of)
+        attention_mask[row, : len(ids)] = True
+    return SentenceTokens(token_ids, attention_mask, sentence_index, word_index)
+
+
+def whole_word_mask(tokens: SentenceTokens, mask_token_id: int, vocabulary_size: int, probability: float = 0.15,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's whole-word masking (Hugging Face's ``DataCollatorForWholeWordMask``) -> (input ids, labels).
+
+    Per report, words are taken in random order, all their pieces at once, skipping a word that would pass the
+    budget of ``max(1, round(probability * n))`` pieces (n = the report's non-special tokens). Of the chosen
+    tokens 80 % become ``[MASK]``, 10 % a random token and 10 % stay; ``labels`` holds their original ids and
+    `IGNORE_INDEX` everywhere else. Draws on the CPU ``generator``.
+    """
+    token_ids, labels = tokens.token_ids.clone(), torch.full_like(tokens.token_ids, IGNORE_INDEX)
+    for row, words in enumerate(tokens.word_index):
+        budget, covered = max(1, round(probability * int((words >= 0).sum()))), 0
+        for word in torch.randperm(int(words.max()) + 1, generator=generator).tolist():
+            positions = (words == word).nonzero()[:, 0]
+            if covered + len(positions) > budget:
+                continue
+            labels[row, positions] = token_ids[row, positions]
+            covered += len(positions)
+            if covered >= budget:
+                break
+    chosen = labels != IGNORE_INDEX
+    draws = torch.rand(token_ids.shape, generator=generator)
+    random_ids = torch.randint(vocabulary_size, token_ids.shape, generator=generator)
+    token_ids[chosen & (draws < 0.8)] = mask_token_id
+    replaced = chosen & (draws >= 0.8) & (draws < 0.9)
+    token_ids[replaced] = random_ids[replaced]
+    return token_ids, labels
+
+
 __all__ = ["TEXT_ENCODERS", "POOLINGS", "ReportTokenizer", "SmallTextEncoder", "HuggingFaceTextEncoder",
-           "build_text_encoder", "is_layer_norm"]
+           "build_text_encoder", "is_layer_norm", "MASK_TOKEN", "IGNORE_INDEX", "SentenceTokens", "tokenize_sentences",
+           "whole_word_mask", "with_mask_token"]
