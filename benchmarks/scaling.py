@@ -12,8 +12,20 @@ once, then VoCo's disk cache (preset ct_abdomen, region 192x192x64, compact uint
 1, 2, ... loader workers (each fill in a fresh cache folder, timed in this process): volumes per second, per worker,
 and MB per volume (= GB per 1,000 volumes). Writes OUT/scaling_cache.json and .md.
 
+With ``--steps``: VoCo's training step (the bundle's pretext and AdamW, forward + backward + update on the CPU, no
+loader) against the batch size (2-16; VoCo needs two regions for its inter-volume term) and the region size (64^3 to 192x192x96, crops tiled as VoCo's layout does)
+for the smoke model and the B model (the bundle's own settings, gradient checkpointing on): each point in a fresh
+process, so that its peak memory (``VmHWM``) is its own; a point that runs past ``--point-timeout`` is recorded as
+such. Per volume, a flat line means the step scales linearly with the batch. Writes OUT/scaling_steps.json, .md and
+.png (the plot).
+
+With ``--loader``: the loader's wait as a share of the training wall time against the number of loader workers:
+the smoke bundle's own trainer over the compact disk cache of clinical-size phantoms (`pretraining.measure_steps`),
+each worker count in a fresh process. Writes OUT/scaling_loader.json and .md.
+
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/scaling.py --out runs/scaling
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/scaling.py --out runs/scaling --counts --cache
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/scaling.py --out runs/scaling --counts --steps --loader
 """
 
 from __future__ import annotations
@@ -132,6 +144,167 @@ def cache_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------------------
+# Training step against batch and region size; loader wait against workers
+# --------------------------------------------------------------------------------------------------
+# region -> VoCo's crop layout of it (crop size, grid of base crops), as voco.geometry.CropLayout.tiled takes them
+REGION_LAYOUTS = {"64x64x64": ((32, 32, 64), (2, 2)), "128x128x64": ((64, 64, 64), (2, 2)),
+                  "192x192x64": ((64, 64, 64), (3, 3)), "192x192x96": ((64, 64, 96), (3, 3))}
+
+
+def step_point(size: str, batch: int, region: str, steps: int, warmup: int) -> dict:
+    """VoCo's training step at one (model, batch, region) in this (fresh) process -> median ms, peak MB."""
+    import contextlib
+    import statistics
+
+    import torch
+    from memory import peak_rss_mb
+    from torch.utils.flop_counter import FlopCounterMode
+    from pretraining import bundle_config
+
+    from voco.allocation import keep_freed_memory
+
+    keep_freed_memory()  # as a training process does (`prepare_run`)
+    crop, grid = REGION_LAYOUTS[region]
+    parser = bundle_config("voco", size, {"layout": f"$voco.geometry.CropLayout.tiled({crop}, {grid})",
+                                          "batch_size": batch, "device": "$torch.device('cpu')"})
+    pretext, optimizer = parser.get_parsed_content("network"), parser.get_parsed_content("optimizer")
+    regions = torch.rand(batch, 1, *(c * g for c, g in zip(crop, (*grid, 1))), generator=torch.Generator().manual_seed(0))
+    pretext.train()
+    times, counter = [], FlopCounterMode(display=False)
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with counter if step == 0 else contextlib.nullcontext():  # FLOPs of the first (untimed) step
+            pretext({"image": regions})["loss"].backward()
+        optimizer.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    step_ms = 1000 * statistics.median(times)
+    return {"step_ms": step_ms, "ms_per_volume": step_ms / batch, "peak_mb": peak_rss_mb(),
+            "gflop_per_volume": counter.get_total_flops() / batch / 1e9,
+            "parameters": sum(parameter.numel() for parameter in pretext.parameters())}
+
+
+def loader_point(out: Path, workers: int, steps: int, warmup: int) -> dict:
+    """The smoke bundle's trainer over the compact disk cache with this many loader workers -> wait share."""
+    import torch
+    from pretraining import bundle_config, measure_steps
+
+    from voco.data.phantoms import ensure_phantoms
+
+    manifest = ensure_phantoms(out / "cache_phantoms", n=8, seed=0, shape=[512, 512, 128], spacing=[0.8, 0.8, 2.5])
+    parser = bundle_config("voco", "smoke", {
+        "manifest": str(manifest), "validation_fraction": 0.0, "cache": "disk", "cache_dir": str(out / "loader_cache"),
+        "num_workers": workers, "max_steps": warmup + steps, "train#handlers": [],
+        "device": "$torch.device('cpu')"})
+    result = measure_steps(parser, steps, warmup, torch.device("cpu"))
+    return {key: result[key] for key in ("step_ms", "volumes_per_s", "loader_wait_share", "batch_size")}
+
+
+def in_fresh_process(arguments: list[str], timeout: float) -> dict:
+    """This script with ``--point ARGUMENTS`` in a new interpreter -> its JSON, or why there is none."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "point.json"
+        with SharedMachine() as machine:
+            try:
+                done = subprocess.run([sys.executable, __file__, "--point", *arguments, "--json", str(path)],
+                                      capture_output=True, text=True, timeout=timeout)
+                result = json.loads(path.read_text()) if done.returncode == 0 else {
+                    "failed": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+            except subprocess.TimeoutExpired:
+                result = {"failed": f"over {timeout:.0f} s"}
+    return {**result, "machine": machine.facts()}
+
+
+def step_curves(out: Path, sizes: list[str], batches: list[int], regions: list[str], steps: int, timeout: float) -> list:
+    rows = []
+    for size in sizes:
+        for region in regions:
+            for batch in batches:
+                row = {"size": size, "region": region, "batch": batch,
+                       **in_fresh_process(["step", size, str(batch), region, str(steps)], timeout)}
+                rows.append(row)
+                print(f"step {size} {region} batch {batch}: " + (row["failed"] if "failed" in row else
+                      f"{row['step_ms']:.0f} ms, {row['ms_per_volume']:.0f} ms/volume, {row['peak_mb']:.0f} MB"),
+                      flush=True)
+                if "failed" in row:  # a larger batch of the same region fails too, slower
+                    break
+    return rows
+
+
+def steps_markdown(report: dict) -> str:
+    lines = [f"Measured {report['date']} on {report['cpu_count']} CPU cores (no GPU), one process per point; command: "
+             f"`{report['command']}`.", "",
+             "| model | region | batch | step ms | ms per volume | per volume vs smallest batch | GFLOP per volume "
+             "| peak MB | note |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    first: dict[tuple, float] = {}
+    for row in report["rows"]:
+        key = (row["size"], row["region"])
+        if "failed" in row:
+            lines.append(f"| {row['size']} | {row['region']} | {row['batch']} | not measured: {row['failed']} | | | | | |")
+            continue
+        first.setdefault(key, row["ms_per_volume"])
+        lines.append(f"| {row['size']} | {row['region']} | {row['batch']} | {row['step_ms']:.0f} | "
+                     f"{row['ms_per_volume']:.0f} | {row['ms_per_volume'] / first[key]:.2f} | "
+                     f"{row['gflop_per_volume']:.0f} | {row['peak_mb']:.0f} | "
+                     f"{warning(row['machine'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def steps_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[tuple, list] = {}
+    for row in report["rows"]:
+        if "failed" not in row:
+            series.setdefault((row["size"], row["region"]), []).append(row)
+    for (size, region), rows in series.items():
+        style = "-o" if size == "smoke" else "--s"
+        batches = [row["batch"] for row in rows]
+        time_axis.plot(batches, [row["ms_per_volume"] for row in rows], style, label=f"{size} {region}")
+        memory_axis.plot(batches, [row["peak_mb"] / 1024 for row in rows], style, label=f"{size} {region}")
+    for axis, label in ((time_axis, "ms per volume (forward + backward + AdamW)"), (memory_axis, "peak host GB")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("batch size")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    time_axis.set_yscale("log")
+    memory_axis.legend(fontsize=7)
+    figure.suptitle(f"VoCo training step on {report['cpu_count']} CPU cores, {report['date']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def loader_markdown(report: dict) -> str:
+    lines = [f"Measured {report['date']} on {report['cpu_count']} CPU cores; the smoke model over the compact disk "
+             f"cache of 8 phantoms of 512x512x128 voxels, the smoke region (64x64x64); command: `{report['command']}`.", "",
+             "| loader workers | batch | step ms | volumes/s | loader wait share | note |", "|---:|---:|---:|---:|---:|---|"]
+    for row in report["rows"]:
+        if "failed" in row:
+            lines.append(f"| {row['workers']} | not measured: {row['failed']} | | | | |")
+            continue
+        lines.append(f"| {row['workers']} | {row['batch_size']} | {row['step_ms']:.0f} | {row['volumes_per_s']:.2f} | "
+                     f"{100 * row['loader_wait_share']:.1f} % | {warning(row['machine'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def point(arguments: list[str], out: Path) -> dict:
+    """One measurement in this (fresh) process: ``step SIZE BATCH REGION STEPS`` or ``loader WORKERS STEPS``."""
+    if arguments[0] == "step":
+        size, batch, region, steps = arguments[1:]
+        return step_point(size, int(batch), region, int(steps), warmup=1)
+    workers, steps = arguments[1:]
+    return loader_point(out, int(workers), int(steps), warmup=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/scaling", help="folder for the synthetic files and the results")
@@ -141,13 +314,36 @@ def main() -> None:
     parser.add_argument("--cache-volumes", type=int, default=8)
     parser.add_argument("--cache-shape", type=int, nargs=3, default=[512, 512, 128])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers of the cache fill")
+    parser.add_argument("--steps", action="store_true", help="also measure the training step against batch and region")
+    parser.add_argument("--sizes", nargs="+", default=["smoke", "B"], choices=["smoke", "B"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8, 16],
+                        help="batch sizes (VoCo needs 2 or more: its inter-volume term)")
+    parser.add_argument("--regions", nargs="+", default=list(REGION_LAYOUTS), choices=list(REGION_LAYOUTS))
+    parser.add_argument("--timed-steps", type=int, default=3, help="timed steps per point (median; one untimed first)")
+    parser.add_argument("--point-timeout", type=float, default=240.0, help="seconds before a point is given up")
+    parser.add_argument("--loader", action="store_true", help="also measure the loader's wait against its workers")
+    parser.add_argument("--point", nargs="+", default=None, help=argparse.SUPPRESS)  # one point, in a child process
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     out = Path(arguments.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if arguments.point:
+        Path(arguments.json).write_text(json.dumps(point(arguments.point, out)))
+        return
     command = " ".join(["python", "benchmarks/scaling.py", *sys.argv[1:]])
+    today = {"date": time.strftime("%Y-%m-%d"), "cpu_count": len(os.sched_getaffinity(0)), "command": command}
+    if arguments.steps:
+        report = {**today, "rows": step_curves(out, arguments.sizes, arguments.batches, arguments.regions,
+                                               arguments.timed_steps, arguments.point_timeout)}
+        write_report(out, "scaling_steps", report, steps_markdown(report))
+        steps_plot(report, out / "scaling_steps.png")
+    if arguments.loader:
+        rows = [{"workers": count, **in_fresh_process(["loader", str(count), str(6)], 900)}
+                for count in arguments.workers]
+        report = {**today, "rows": rows}
+        write_report(out, "scaling_loader", report, loader_markdown(report))
     if arguments.cache:
-        report = {"date": time.strftime("%Y-%m-%d"), "cpu_count": len(os.sched_getaffinity(0)), "command": command,
-                  "cache": cache_fill(out, arguments.cache_volumes, arguments.cache_shape, arguments.workers)}
+        report = {**today, "cache": cache_fill(out, arguments.cache_volumes, arguments.cache_shape, arguments.workers)}
         write_report(out, "scaling_cache", report, cache_markdown(report))
     if not arguments.counts:
         return

@@ -9,7 +9,13 @@ into a batch as the DataLoader's collate would.
 
 The floor is plain torch slicing of the same 11 crops, flipped as drawn, copied into one batch tensor.
 
+With ``--pretexts``, the other pretexts' model inputs too (MAE/SimMIM masks and targets, query boxes, contrastive
+views; built from each bundle's train.json at its region size), batch 1 to 16, against a memory-traffic floor:
+a copy of every tensor they produce (each input byte written once, read once from a source of the same size).
+Query boxes and contrastive views resample their crops (trilinear), which costs more than a copy by nature.
+
     .venv/bin/python benchmarks/voco_inputs.py --threads 1 --batches 1 2 4 8 16 --repeats 15
+    .venv/bin/python benchmarks/voco_inputs.py --threads 1 --batches 1 2 4 8 16 --repeats 9 --pretexts
 """
 
 from __future__ import annotations
@@ -129,6 +135,44 @@ def measure(batch: int, repeats: int, device: str) -> dict[str, float]:
     return {"batch": batch, "ours": ours_ms, "floor": floor_ms, "reference": reference_ms}
 
 
+def produced_tensors(value) -> list[torch.Tensor]:
+    """Every tensor in what an input maker returns (tensors, tuples, dicts, dataclasses / named tuples)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif hasattr(value, "__dataclass_fields__"):
+        value = [getattr(value, name) for name in value.__dataclass_fields__]
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in produced_tensors(item)]
+    return []
+
+
+def measure_pretexts(batches: list[int], repeats: int) -> None:
+    """Each pretext's input maker (as `pretraining.py` finds it) against the copy of what it produces."""
+    from pretraining import bundle_config, input_makers
+
+    print("\nOther pretexts' inputs (each bundle's train.json region), ms per volume; floor: a copy of every tensor "
+          "they produce")
+    print("| inputs | region | batch | ours | floor (copy of the outputs) | ours / floor |")
+    print("|---|---|---:|---:|---:|---:|")
+    for bundle in ("mae", "query_box", "multitask"):
+        recipe = bundle_config(bundle, "B", {"device": "$torch.device('cpu')"})
+        region = tuple(recipe.get_parsed_content("region_size"))
+        makers = input_makers(recipe.get_parsed_content("pretext"))
+        for name, maker in makers.items():
+            if bundle == "multitask" and name in ("mae", "query_box"):
+                continue  # measured with their own bundle
+            for batch in batches:
+                regions = torch.rand(batch, 1, *region, generator=torch.Generator().manual_seed(0))
+                with torch.no_grad():
+                    produced = produced_tensors(maker(regions))
+                    ours, floor = median_ms([lambda: maker(regions),
+                                             lambda: [tensor.clone() for tensor in produced]], repeats)
+                print(f"| {name} ({bundle}) | {'x'.join(map(str, region))} | {batch} | {ours / batch:.2f} | "
+                      f"{floor / batch:.2f} | {ours / floor:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -138,6 +182,7 @@ def main() -> None:
     parser.add_argument("--fresh-pages", action="store_true",
                         help="leave glibc's defaults (every batch-sized tensor on fresh pages) instead of what a "
                              "training process does (voco.allocation.keep_freed_memory)")
+    parser.add_argument("--pretexts", action="store_true", help="also the MAE, query-box and contrastive inputs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.fresh_pages:
@@ -152,6 +197,8 @@ def main() -> None:
         row = measure(batch, args.repeats, args.device)
         print(f"| {batch} | {row['ours']:.2f} | {row['floor']:.2f} | {row['reference']:.2f} | "
               f"{row['ours'] / row['floor']:.2f} | {row['reference'] / row['ours']:.1f}x |", flush=True)
+    if args.pretexts:
+        measure_pretexts(args.batches, args.repeats)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,15 @@ def smoke_run_with_mlflow(bundle: str, cwd: Path, *overrides: str, monai_trackin
     return tracking_uri, result
 
 
+def smoke_run_and_resume(bundle: str, cwd: Path, *resume_overrides: str):
+    """A smoke run (4 steps) tracked as "smoke" (`smoke_run_with_mlflow`), then the same command resumed to 6 steps
+    -> (tracking_uri, first result, resumed result)."""
+    tracking_uri, first = smoke_run_with_mlflow(bundle, cwd)
+    resumed = run_bundle_command(bundle, ["train.json", "smoke.json"], cwd, "--run_name", "smoke", "--max_steps", "6",
+                                 *resume_overrides)
+    return tracking_uri, first, resumed
+
+
 def torchrun_smoke_run(bundle: str, cwd: Path, run_name: str, *overrides: str):
     """The bundle's train + smoke + multi-GPU configs under `torchrun --standalone --nproc_per_node 2` on CPU
     (gloo), tracked by default into ``cwd/runs/mlflow.db`` as `run_name` -> (tracking_uri, result)."""

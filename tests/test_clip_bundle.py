@@ -5,8 +5,7 @@ checkpoints the model can be rebuilt from, resume, export of the ViT encoder, an
 from __future__ import annotations
 
 import pytest
-from conftest import (assert_png_artifacts, only_finished_run, run_bundle_command, smoke_run_with_mlflow,
-                      torchrun_smoke_run)
+from conftest import assert_png_artifacts, only_finished_run, smoke_run_and_resume, torchrun_smoke_run
 
 FINDINGS = ("kidney_lesion", "liver_lesion", "splenomegaly")
 
@@ -15,9 +14,7 @@ FINDINGS = ("kidney_lesion", "liver_lesion", "splenomegaly")
 def smoke_run(tmp_path_factory):
     """One smoke run (4 steps) with MLflow tracking, then the same command resumed to 6 steps."""
     cwd = tmp_path_factory.mktemp("clip_bundle")
-    tracking_uri, first = smoke_run_with_mlflow("clip_pretrain", cwd)
-    resumed = run_bundle_command("clip_pretrain", ["train.json", "smoke.json"], cwd, "--run_name", "smoke",
-                                 "--max_steps", "6")
+    tracking_uri, first, resumed = smoke_run_and_resume("clip_pretrain", cwd)
     return cwd, tracking_uri, first, resumed
 
 

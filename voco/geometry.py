@@ -336,13 +336,18 @@ def _crop_one_by_one(images: torch.Tensor, boxes: torch.Tensor, size: Sequence[i
             x0, y0, z0 = starts[b][n]
             crop = images[b, :, x0:x0 + size[0], y0:y0 + size[1], z0:z0 + size[2]]
             dims = [1 + axis for axis in range(3) if reverse[b][n][axis]]
+            shift = shifts[b][n] if shifts is not None else 0.0
+            # written straight into its place in the batch (through a transposed view where the crop is
+            # transposed): one pass over the crop, no flipped temporary, the shift fused where there is no flip
+            target = crops[b, n].transpose(1, 2) if transpose[b][n] else crops[b, n]
             if dims:
-                crop = crop.flip(dims)
-            if transpose[b][n]:
-                crop = crop.transpose(1, 2)
-            crops[b, n].copy_(crop)
-            if shifts is not None and shifts[b][n]:
-                crops[b, n].add_(shifts[b][n])
+                torch.ops.aten.flip.out(crop, dims, out=target)
+                if shift:
+                    target.add_(shift)  # while the crop is in the cache
+            elif shift:
+                torch.add(crop, shift, out=target)
+            else:
+                target.copy_(crop)
     return crops
 
 

@@ -10,8 +10,8 @@ None = all real). Every fusion has ``forward(a, b, a_mask, b_mask) -> (a', b')``
   updated (queries), the other side is the key-value set and comes back unchanged.
 
 `UnidirectionalGate` is MG-3D's U(q; kv) with each context item its own key-value set; `MeanPool` and
-`AttentionPool` turn token sets into one vector; `StandardisedMLP`, `ReconstructionDecoder` and `contrastive_head`
-are MG-3D's sentence, MIM and contrastive heads.
+`AttentionPool` turn token sets into one vector, `sentence_means` a report's tokens into sentence features;
+`StandardisedMLP`, `ReconstructionDecoder` and `contrastive_head` are MG-3D's sentence, MIM and contrastive heads.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None, dim: int = 1) -
         return tokens.mean(dim=dim)
     weights = mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(dim=dim) / weights.sum(dim=dim).clamp(min=1)
+
+
+def sentence_means(features: torch.Tensor, sentence_index: torch.Tensor, count: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token features ``[B, L, F]`` averaged per sentence (``sentence_index [B, L]``, -1 = none) -> ``([B, count, F],
+    sentence mask [B, count])``; a sentence a report lacks is zero and False."""
+    one_hot = F.one_hot(sentence_index + 1, count + 1)[..., 1:].to(features.dtype)  # -1: the dropped column
+    sizes = one_hot.sum(dim=1)
+    return one_hot.transpose(1, 2) @ features / sizes.clamp(min=1)[..., None], sizes > 0
 
 
 def key_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -211,5 +220,5 @@ def contrastive_head(width: int, embedding_dim: int) -> nn.Module:
 
 
 __all__ = ["FUSIONS", "GatedCrossLayer", "GatedFusion", "CrossAttentionLayer", "CrossAttentionFusion", "build_fusion",
-           "UnidirectionalGate", "MeanPool", "AttentionPool", "masked_mean", "key_padding", "StandardisedMLP",
-           "ReconstructionDecoder", "contrastive_head"]
+           "UnidirectionalGate", "MeanPool", "AttentionPool", "masked_mean", "sentence_means", "key_padding",
+           "StandardisedMLP", "ReconstructionDecoder", "contrastive_head"]

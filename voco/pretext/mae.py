@@ -169,9 +169,12 @@ def normalize_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
     Returns ``(targets, mean, std)``, mean and std ``[B, L, 1]`` (to map predictions back: ``p * std + mean``).
     """
+    # Two passes (mean, then the centred sum of squares) instead of `var`: its Welford kernel is ~6x slower on the CPU.
     mean = patches.mean(dim=-1, keepdim=True)
-    std = (patches.var(dim=-1, keepdim=True) + NORMALIZE_EPS).sqrt()
-    return (patches - mean) / std, mean, std
+    centred = patches - mean
+    variance = torch.linalg.vecdot(centred, centred).unsqueeze(-1) / (patches.shape[-1] - 1)
+    std = (variance + NORMALIZE_EPS).sqrt()
+    return centred.div_(std), mean, std
 
 
 def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor, unmasked_weight: float = 0.0) -> torch.Tensor:

@@ -36,7 +36,8 @@ sentence feature is the mean of its tokens.
 ``loss = mlm_weight L_MLM + sfr_weight L_SFR + mim_weight L_MIM + cml_weight L_CML + dfa_weight L_DFA + ssm_weight
 L_SSM``, by default MG-3D's ``(MLM + 0.1 SFR) + MIM + 0.1 (CML + DFA + SSM)``; a weight of 0 builds and runs nothing
 of that part. Under ``torch.distributed`` CML and DFA contrast this rank's anchors against every rank's candidates,
-gathered with their gradient (`voco.pretext.clip.clip_loss`); MLM, SFR, MIM and SSM stay on each rank.
+gathered with their gradient (`voco.pretext.clip.clip_loss`); MLM, SFR, MIM and SSM stay on each rank. CML's heads
+embed studies and reports (`encode_studies`, `encode_reports`): `voco.pretext.zero_shot` scores MG-3D as it does CLIP.
 
 **Fixes and the reference's behaviour** (specs/mg3d.md section 4). Each switch defaults to the fix; the other value
 reproduces the reference:
@@ -59,9 +60,8 @@ reproduces the reference:
 
 Not reproduced: the stale text cache (4.3), the doubled modality embedding (4.4), clauses split at "," and ";" (we
 split sentences), the image pool's Linear(48 -> 1) over token positions (a mean takes any size). The text encoder is
-the small one of `voco.networks.text` (vocabulary with ``[MASK]``: ``build_text_encoder(..., mask_token=True)``) or a
-local BERT-family `HuggingFaceTextEncoder`; for MG-3D's fully frozen RadBERT also freeze its LayerNorms
-(``text_encoder.requires_grad_(False)``).
+`voco.networks.text`'s small one (with ``[MASK]``: ``build_text_encoder(..., mask_token=True)``) or a local BERT-family
+`HuggingFaceTextEncoder`; for MG-3D's fully frozen RadBERT freeze its LayerNorms too (``requires_grad_(False)``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ from voco.data.reports import split_sentences
 from voco.distributed import world_size
 from voco.errors import ConfigError, require_choice
 from voco.networks.fusion import (FUSIONS, AttentionPool, MeanPool, ReconstructionDecoder, StandardisedMLP,
-                                  UnidirectionalGate, build_fusion, contrastive_head, key_padding, masked_mean)
+                                  UnidirectionalGate, build_fusion, contrastive_head, key_padding, masked_mean,
+                                  sentence_means)
 from voco.networks.interfaces import FeaturePyramid, TokenSequence, require
 from voco.networks.text import IGNORE_INDEX, tokenize_sentences, whole_word_mask
 from voco.networks.vit import as_triple
@@ -99,17 +100,8 @@ SENTENCE_DIM = 128  # MG-3D's sentence head output
 
 
 # --------------------------------------------------------------------------------------------------
-# Sentences and masks
+# Masks and losses (float32)
 # --------------------------------------------------------------------------------------------------
-def sentence_means(features: torch.Tensor, sentence_index: torch.Tensor, count: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token features ``[B, L, F]`` averaged per sentence (``sentence_index [B, L]``, -1 = none) -> ``([B, count, F],
-    sentence mask [B, count])``; a sentence a report lacks is zero and False."""
-    one_hot = F.one_hot(sentence_index + 1, count + 1)[..., 1:].to(features.dtype)  # -1: the dropped column
-    sizes = one_hot.sum(dim=1)
-    return one_hot.transpose(1, 2) @ features / sizes.clamp(min=1)[..., None], sizes > 0
-
-
 def window_mask(spatial_size: Sequence[int], window_size: int | Sequence[int], mask_ratio: float,
                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """MG-3D's window masking: ``round(mask_ratio * windows)`` windows of ``window_size`` voxels at random, one draw
@@ -122,9 +114,6 @@ def window_mask(spatial_size: Sequence[int], window_size: int | Sequence[int], m
     return mask_volume(random_mask(1, grid, mask_ratio, generator, device), grid, window)
 
 
-# --------------------------------------------------------------------------------------------------
-# Losses (float32)
-# --------------------------------------------------------------------------------------------------
 def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``logits [..., V]`` over the tokens whose label is not `IGNORE_INDEX` (the masked ones)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
@@ -399,11 +388,8 @@ class MG3DPretext(nn.Module):
             if "dfa" in self.weights:
                 parts["dfa"] = self.contrast(fused_image, summary)
         if "ssm" in self.weights:
-            if self.sentence_image_features == "reference":
-                features = aggregated
-            else:
-                features, _ = self.sentence_attention(sentences, tokens, tokens, need_weights=False,
-                                                      key_padding_mask=key_padding(token_mask))
+            features = aggregated if self.sentence_image_features == "reference" else self.sentence_attention(
+                sentences, tokens, tokens, need_weights=False, key_padding_mask=key_padding(token_mask))[0]
             parts["ssm"] = sentence_matching_loss(
                 self.sentence_head(features), self.sentence_vectors(self.ssm_similarity, text["features"], text),
                 sentence_mask, self.similar_threshold, self.dissimilar_threshold, self.ssm_average)
@@ -427,10 +413,8 @@ class MG3DPretext(nn.Module):
                 parts["mlm"] = masked_token_loss(self.mlm_decoder(transformed[chosen]), labels[chosen])
             if "sfr" in self.weights:
                 predicted, sentence_mask = sentence_means(transformed, text["sentence_index"], text["count"])
-                if self.sfr_target == "reference":
-                    target = self.sfr_target_head(self.sentence_vectors("embeddings", None, text))
-                else:
-                    target = self.sentence_vectors("encoder", text["features"], text)
+                target = self.sfr_target_head(self.sentence_vectors("embeddings", None, text)) \
+                    if self.sfr_target == "reference" else self.sentence_vectors("encoder", text["features"], text)
                 parts["sfr"] = sentence_reconstruction_loss(self.sfr_head(predicted), target, sentence_mask,
                                                             summed=self.sfr_target == "reference")
         if "mim" in self.weights:
@@ -440,6 +424,27 @@ class MG3DPretext(nn.Module):
         parts.update(self.alignment_losses(image, text) if {"cml", "dfa", "ssm"} & set(self.weights) else {})
         loss = sum(self.weights[part] * value for part, value in parts.items())
         return {"loss": loss, **{f"loss/{part}": parts[part].detach() for part in PARTS if part in parts}}
+
+    # ---------------------------------------------------------------- embeddings: zero-shot and retrieval
+    def joint_space(self) -> None:  # refuse embeddings without CML's volume and report heads
+        if "cml" not in self.weights or self.cml_pairing != "volume_report":
+            raise ConfigError("study and report embeddings come from MG-3D's CML heads; set cml_weight above 0 and "
+                              "cml_pairing to 'volume_report' for zero-shot classification and retrieval.")
+
+    def encode_studies(self, images: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Studies ``[B, S, C, X, Y, Z]`` or scans -> L2-normalised ``[B, embedding_dim]``: g_u^v, CML's image head."""
+        self.joint_space()
+        tokens, token_mask, _ = self.image_tokens(*study_images({"image": images, "scan_mask": scan_mask}))
+        return F.normalize(self.image_head(self.image_pool(tokens, token_mask)).float(), dim=-1)
+
+    def encode_reports(self, reports: Sequence[str]) -> torch.Tensor:
+        """Report texts (B strings) -> L2-normalised ``[B, embedding_dim]``: g_u^t, CML's report head."""
+        self.joint_space()
+        text = self.read_reports(batch_reports({"report": reports}, len(reports)), self.image_adapter.weight.device)
+        return F.normalize(self.report_head(self.report_pool(text["sentences"], text["sentence_mask"])).float(), dim=-1)
+
+    def current_logit_scale(self) -> torch.Tensor:  # CML's fixed 1 / temperature, for the zero-shot pair softmax
+        return torch.tensor(1.0 / self.temperature)
 
     # ---------------------------------------------------------------- picture
     @torch.no_grad()
