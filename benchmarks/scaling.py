@@ -219,13 +219,39 @@ def in_fresh_process(arguments: list[str], timeout: float) -> dict:
     return {**result, "machine": machine.facts()}
 
 
+def available_mb() -> float:
+    """MemAvailable of /proc/meminfo in MB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def predicted_peak_mb(measured: list[dict], batch: int) -> float:
+    """Peak memory at ``batch`` extrapolated linearly from the two largest batches measured (0: too few)."""
+    if len(measured) < 2:
+        return 0.0
+    small, large = measured[-2], measured[-1]
+    per_volume = (large["peak_mb"] - small["peak_mb"]) / (large["batch"] - small["batch"])
+    return large["peak_mb"] + per_volume * (batch - large["batch"])
+
+
 def step_curves(out: Path, sizes: list[str], batches: list[int], regions: list[str], steps: int, timeout: float) -> list:
     rows = []
     for size in sizes:
         for region in regions:
+            measured: list[dict] = []
             for batch in batches:
+                need = predicted_peak_mb(measured, batch)
+                if need > 0.8 * available_mb():  # the machine would swap or kill the process
+                    rows.append({"size": size, "region": region, "batch": batch, "failed": (
+                        f"needs about {need / 1024:.0f} GB by the smaller batches, {available_mb() / 1024:.0f} GB free")})
+                    print(f"step {size} {region} batch {batch}: {rows[-1]['failed']}", flush=True)
+                    break
                 row = {"size": size, "region": region, "batch": batch,
                        **in_fresh_process(["step", size, str(batch), region, str(steps)], timeout)}
+                if "failed" not in row:
+                    measured.append(row)
                 rows.append(row)
                 print(f"step {size} {region} batch {batch}: " + (row["failed"] if "failed" in row else
                       f"{row['step_ms']:.0f} ms, {row['ms_per_volume']:.0f} ms/volume, {row['peak_mb']:.0f} MB"),
