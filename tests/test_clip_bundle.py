@@ -87,5 +87,5 @@ def test_one_held_out_study_skips_validation_and_too_few_studies_name_the_counts
     while error is not None:
         chain.append(str(error))
         error = error.__cause__ or error.__context__
-    assert any("the training split holds 3 volumes (studies for clip_pretrain), fewer than batch_size 4; lower "
-               "--batch_size to at most 3" in text for text in chain), chain
+    assert any("the training split holds 3 volumes (studies for the language-image bundles), fewer than batch_size "
+               "4; lower --batch_size to at most 3" in text for text in chain), chain

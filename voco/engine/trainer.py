@@ -121,8 +121,8 @@ class PretextTrainer(Trainer):
             items = len(getattr(train_data_loader, "dataset", ()))
             batch_size = getattr(train_data_loader, "batch_size", None)
             raise ConfigError(f"the training loader yields no batch: the training split holds {items} volumes "
-                              f"(studies for clip_pretrain), fewer than batch_size {batch_size}; lower --batch_size "
-                              f"to at most {max(items, 1)} or add volumes.")
+                              f"(studies for the language-image bundles), fewer than batch_size {batch_size}; "
+                              f"lower --batch_size to at most {max(items, 1)} or add volumes.")
         super().__init__(device=torch.device(device), max_epochs=math.ceil(max_steps / epoch_length),
                          data_loader=train_data_loader, epoch_length=epoch_length, non_blocking=non_blocking,
                          handlers=None, decollate=False)
