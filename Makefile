@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# nnunetv2's requirements but timm (see the venv target)
+NNUNET_DEPS := acvl-utils batchgenerators batchgeneratorsv2 blosc2 einops graphviz imagecodecs matplotlib nibabel numpy \
+	pandas requests scikit-image scikit-learn scipy seaborn SimpleITK tifffile tqdm yacs
 
 .PHONY: demo test venv clean
 
@@ -13,6 +16,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
 	$(BIN)/python -m pip install -qq -c constraints.txt -e '.[test]'
+	# nnU-Net (the ResEnc backbone, the export's tests) without timm: timm pulls torchvision, which has no CPU build,
+	# and a CUDA torchvision beside the CPU torch breaks `import transformers`; only nnU-Net's Primus needs timm.
+	$(BIN)/python -m pip install -qq -c constraints.txt --no-deps nnunetv2 dynamic-network-architectures
+	$(BIN)/python -m pip install -qq -c constraints.txt $(NNUNET_DEPS)
 	@touch $@
 
 # OPENBLAS_NUM_THREADS=1: numpy/scipy's OpenBLAS threads would otherwise compete with torch's for the cores.

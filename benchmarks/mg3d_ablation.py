@@ -14,9 +14,9 @@ part keeps its MG-3D weight, so the "mg3d" row is the sum of the single addition
 
 Each (config, seed) pretrains with the bundle itself (train.json + smoke.json, in this process through
 `voco.bundles.run_bundle`) on the same phantom studies of one axial scan each (`SETTINGS`: a 4-block tiny ViT, the
-whole body resized to 32 x 32 x 16, the preset's [0, 1] fed to the ViT as (x - 0.5) / 0.125, batch 8, lr 2e-4;
+whole body resized to 32 x 32 x 16, the preset's [0, 1] seen by the ViT as (x - 0.5) / 0.125, batch 8, lr 2e-4;
 MG-3D pairs one volume with its report). Without that input map CLIP alone never leaves chance here: the ViT
-learns nothing of the image in this budget (see `INPUT_CENTRE`). Its validation after
+learns nothing of the image in this budget (see `BACKBONE`). Its validation after
 the last step scores the held-out studies with `voco.pretext.zero_shot` (AUC per finding and their mean, Recall@1/5
 both ways; read back from MLflow), then the frozen-encoder probe of `pretraining_benefit.py` (`probe_encoder`: a
 closed-form linear classifier on the frozen ViT's features of 8 labelled phantoms, Dice on 8 others, the volumes
@@ -38,7 +38,6 @@ reused, so an interrupted ablation goes on where it stopped.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -51,7 +50,6 @@ from machine import SharedMachine, warning, write_report
 from pretraining_benefit import mean_std, paired, probe_encoder
 
 REPO = Path(__file__).resolve().parents[1]
-sys.modules.setdefault("mg3d_ablation", sys.modules[__name__])  # run as a script: the bundle finds it by this name
 MG3D_WEIGHTS = {"mlm_weight": 1.0, "sfr_weight": 0.1, "mim_weight": 1.0, "cml_weight": 0.1, "dfa_weight": 0.1,
                 "ssm_weight": 0.1}
 BASELINE = "clip"
@@ -66,24 +64,21 @@ METRICS = ([("val/metric/zero_shot/mean_auc", "zero-shot AUC, mean")]
               for k in (1, 5)]
            + [("probe/dice", "probe Dice")])
 SCAN_SIZE = [32, 32, 16]
+# What the ViT sees (`input_standardise`, part of the backbone spec, so the probe and every checkpoint rebuild it):
+# the preset's HU window [-175, 250] -> [0, 1], recentred on the window's middle (37.5 HU, soft tissue) and spread to
+# [-4, 4] (1 unit = 53 HU): (x - 0.5) / 0.125. On [0, 1] as it comes (mean 0.28, sd 0.24, never below 0) the patch
+# embedding's output is a fifth of the unit sin-cos position code and mostly the patch's mean brightness, and the
+# from-scratch ViT learns nothing of the image in 1,000-3,000 steps, not even supervised by the findings; CML then
+# sits at ln 8 (benchmarks/README.md, MG-3D section).
 BACKBONE = {"name": "vit", "size": "tiny", "depth": 4, "in_channels": 1, "input_size": SCAN_SIZE,
-            "patch_size": [8, 8, 4], "layout": "slice", "max_scans": 1, "use_checkpoint": False}
-# What the ViT sees: the preset's HU window [-175, 250] -> [0, 1], recentred on the window's middle (37.5 HU, soft
-# tissue) and spread to [-4, 4] (1 unit = 53 HU): (x - 0.5) / 0.125. On [0, 1] as it comes (mean 0.28, sd 0.24,
-# never below 0) the patch embedding's output is a fifth of the unit sin-cos position code and mostly the patch's
-# mean brightness, and the from-scratch ViT learns nothing of the image in 1,000-3,000 steps, not even supervised by
-# the findings; CML then sits at ln 8 (benchmarks/README.md, MG-3D section). The probe's volumes get the same map.
-INPUT_CENTRE, INPUT_SPREAD = 0.5, 0.125
+            "patch_size": [8, 8, 4], "layout": "slice", "max_scans": 1, "use_checkpoint": False,
+            "input_standardise": [0.5, 0.125]}
 # Overrides of the bundle's train.json + smoke.json shared by every run (the loss weights, seed, steps and paths are
 # added per run). lr 2e-4 rather than 5e-4: both learn with the input map, 2e-4 more evenly over seeds; at 5e-4 and
 # above CLIP alone can collapse in the warm-up (every report embedding the same, CML at ln 8 for good).
 SETTINGS = {"backbone": BACKBONE, "scan_size": SCAN_SIZE, "max_scans": 1, "scan_preset": "ct_resize",
             "batch_size": 8, "learning_rate": 2e-4, "validation_fraction": 0.2, "val_batches": 2, "cache": "disk",
-            "num_workers": 0, "probe": False,
-            # the bundle's own network_def, the ViT passed through `standardise_input` (this module, by name: MONAI
-            # parses any expression holding the word "import" as an import statement)
-            "network_def": "$voco.networks.compile_backbone(os.sys.modules['mg3d_ablation'].standardise_input("
-                           "voco.networks.build_backbone(**@backbone)), @compile, @compile_backend)"}
+            "num_workers": 0, "probe": False}
 DEFAULTS = {"studies": 600, "steps": 1000, "seeds": [0, 1, 2], "configs": list(CONFIGS)}
 QUICK = {"studies": 40, "steps": 8, "seeds": [0], "configs": [BASELINE, "mg3d"]}
 T_CRITICAL = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided 5 %
@@ -92,22 +87,6 @@ T_CRITICAL = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8:
 # --------------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------------
-def standardise(images):
-    """``(x - INPUT_CENTRE) / INPUT_SPREAD``: the preset's [0, 1] as the ViT of every run sees it."""
-    return (images - INPUT_CENTRE) / INPUT_SPREAD
-
-
-def standardise_input(backbone):
-    """The bundle's ViT with `standardise` in front of its patch embedding (a forward pre-hook: no parameter, so the
-    checkpoint is a plain ViT's, which expects standardised input; the probe gets standardised volumes)."""
-    backbone.patch_embedding.patch_embeddings.register_forward_pre_hook(_standardise_patches)
-    return backbone
-
-
-def _standardise_patches(module, args: tuple) -> tuple:
-    return (standardise(args[0]), *args[1:])
-
-
 def loss_weights(config: str) -> dict[str, float]:
     """The six loss weights of a config: MG-3D's for the parts it names, 0 for the others."""
     return {name: (weight if name in CONFIGS[config] else 0.0) for name, weight in MG3D_WEIGHTS.items()}
@@ -263,8 +242,6 @@ def main() -> None:
     manifest = ensure_phantom_studies(out / f"phantom_studies{studies}", n=studies, seed=1, num_scans=1)
     probe_set = load_probe_set(default_probe_manifest(out / "probe_phantoms", n=16), SCAN_SIZE,
                                SETTINGS["scan_preset"])
-    probe_set = dataclasses.replace(probe_set, fit_images=[standardise(image) for image in probe_set.fit_images],
-                                    test_images=[standardise(image) for image in probe_set.test_images])
     runs = []
     for seed in seeds:
         for config in configs:

@@ -302,6 +302,18 @@ def test_anisotropic_patches():
     assert vit.patch_embedding.patch_embeddings.kernel_size == (8, 8, 4)
 
 
+def test_input_standardise_is_the_plain_vit_on_standardised_input_and_travels_in_the_spec():
+    images = torch.rand(2, 1, 16, 16, 16)
+    standardised = small_vit("window", input_standardise=[0.5, 0.125])
+    plain = small_vit("window")  # same seed: same weights
+    assert torch.equal(standardised(images), plain((images - 0.5) / 0.125))
+    assert not torch.equal(standardised(images), plain(images))
+    rebuilt = build_backbone("vit", "tiny", input_size=16, patch_size=4, input_standardise=(0.5, 0.125))
+    assert rebuilt.input_standardise == (0.5, 0.125)
+    with pytest.raises(ConfigError, match="input_standardise"):
+        small_vit("window", input_standardise=[0.5, 0.0])
+
+
 def test_sizes_and_settings_it_cannot_take_raise_config_errors():
     vit = small_vit("window")
     with pytest.raises(ConfigError, match="not divisible by the patch size"):

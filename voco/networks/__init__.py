@@ -10,7 +10,7 @@ from voco.networks.swin import BACKBONE_SIZES, SwinEncoder, swin_feature_size
 from voco.networks.teacher import EMATeacher, cosine_momentum
 from voco.networks.vit import VIT_SIZES, ViTEncoder, vit_spec
 
-BACKBONES = ("swin", "vit")
+BACKBONES = ("swin", "vit", "resenc")
 
 
 def build_backbone(name: str = "swin", size: str | int = "B", in_channels: int = 1, use_checkpoint: bool = False,
@@ -18,13 +18,14 @@ def build_backbone(name: str = "swin", size: str | int = "B", in_channels: int =
     """A backbone from its spec, so that a bundle switches backbones with one key.
 
     Args:
-        name: ``"swin"`` (the SwinUNETR-v2 encoder of VoCo) or ``"vit"`` (`ViTEncoder` with an attention layout).
+        name: ``"swin"`` (the SwinUNETR-v2 encoder of VoCo), ``"vit"`` (`ViTEncoder` with an attention layout) or
+            ``"resenc"`` (nnU-Net's residual-encoder CNN, `ResEncEncoder`; the ``cnn`` extra).
         size: Swin: ``"tiny"`` (C = 12, for tests), ``"B"`` (48), ``"L"`` (96), ``"H"`` (192), or an int feature
-            size. ViT: ``"tiny"`` (96 wide, for tests), ``"S"``, ``"B"``, ``"L"``.
+            size. ViT: ``"tiny"`` (96 wide, for tests), ``"S"``, ``"B"``, ``"L"``. ResEnc: ``"tiny"``, ``"M"``, ``"L"``.
         in_channels: input channels.
         use_checkpoint: gradient checkpointing.
         **kwargs: passed to the backbone class (Swin: e.g. ``window_size``; ViT: ``input_size``, ``patch_size``,
-            ``layout``, ``window_size``, ``position_embedding`` ...).
+            ``layout``, ``window_size``, ``position_embedding`` ...; ResEnc: ``n_stages``, ``strides`` ...).
 
     >>> build_backbone("swin", "tiny").embedding_dim
     288
@@ -36,6 +37,10 @@ def build_backbone(name: str = "swin", size: str | int = "B", in_channels: int =
                            use_checkpoint=use_checkpoint, **kwargs)
     if str(name).lower() == "vit":
         return ViTEncoder(in_channels=in_channels, use_checkpoint=use_checkpoint, **{**vit_spec(size), **kwargs})
+    if str(name).lower() == "resenc":
+        from voco.networks.resenc import ResEncEncoder  # dynamic-network-architectures is an optional extra
+
+        return ResEncEncoder(in_channels=in_channels, size=str(size), use_checkpoint=use_checkpoint, **kwargs)
     raise ConfigError(f"unknown backbone {name!r}; use one of {', '.join(BACKBONES)}.")
 
 

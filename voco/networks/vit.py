@@ -277,6 +277,10 @@ class ViTEncoder(nn.Module):
         qkv_bias: bias of the qkv projection (MAE and timm: True).
         drop_path_rate: stochastic depth, rising linearly to this value over the blocks.
         use_checkpoint: gradient checkpointing of each block (less memory, about 30 % more compute).
+        input_standardise: ``(centre, spread)``: the encoder sees ``(x - centre) / spread`` (None: x as given). A
+            from-scratch ViT learns little from a preset's [0, 1] (all positive, mean ~0.3: the patch embedding's
+            output is small beside the position code); ``(0.5, 0.125)`` centres the window. Part of the backbone
+            spec, so checkpoints, probes and fine-tuning rebuild it and feed the same [0, 1] volumes.
 
     Shapes: images ``[B, C, X, Y, Z]`` or studies ``[B, N, C, X, Y, Z]``; tokens ``[B, N, d, h, w, hidden]``.
     ``forward(images) -> [B, hidden]`` (mean of the final patch tokens), the ``embedding_dim`` every pretext uses.
@@ -290,8 +294,12 @@ class ViTEncoder(nn.Module):
                  hidden_size: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  layout: str | Sequence[str] = "global", window_size: int | Sequence[int] = 3, global_every: int = 3,
                  position_embedding: str = "sincos", max_scans: int = 16, qkv_bias: bool = True,
-                 drop_path_rate: float = 0.0, use_checkpoint: bool = False) -> None:
+                 drop_path_rate: float = 0.0, use_checkpoint: bool = False,
+                 input_standardise: Sequence[float] | None = None) -> None:
         super().__init__()
+        if input_standardise is not None and (len(input_standardise) != 2 or not float(input_standardise[1]) > 0):
+            raise ConfigError(f"input_standardise must be [centre, spread] with spread > 0, got {input_standardise!r}.")
+        self.input_standardise = None if input_standardise is None else tuple(float(v) for v in input_standardise)
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ConfigError(f"unknown position_embedding {position_embedding!r}; use one of "
                               f"{', '.join(POSITION_EMBEDDINGS)}.")
@@ -357,6 +365,9 @@ class ViTEncoder(nn.Module):
                               f"got {tuple(images.shape)}.")
         batch, scans = images.shape[:2]
         grid = self.token_grid(images.shape[3:])
+        if self.input_standardise is not None:
+            centre, spread = self.input_standardise
+            images = (images - centre) / spread
         tokens = self.patch_embedding.patch_embeddings(images.flatten(0, 1))  # [B N, C, d, h, w]
         tokens = tokens.permute(0, 2, 3, 4, 1).reshape(batch, scans, *grid, self.hidden_size)
         tokens = tokens + self.position_table(grid).to(tokens.dtype).view(1, 1, *grid, self.hidden_size)
