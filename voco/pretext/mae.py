@@ -32,6 +32,10 @@ data_range = 1 because the presets window CT to [0, 1] (``psnr_data_range`` for 
 MRI); MSE is floored at 1e-10, so a perfect prediction reads 100 dB, not infinity.
 ``metric/mask_ratio`` is the realised share of masked patches.
 
+A CNN (nnU-Net's ResEnc) cannot drop tokens, and a dense SimMIM lets its convolutions see the mask: masked image
+modelling on it is SparK (`voco.pretext.spark`, which reuses this file's masks, targets, loss and views);
+`masked_image_pretext` picks the method from the backbone.
+
 >>> from voco.networks import build_backbone
 >>> backbone = build_backbone("vit", "tiny", input_size=32, patch_size=8)
 >>> pretext = MaskedImagePretext(backbone, decoder_dim=48, decoder_depth=1, decoder_heads=4, generator=0)
@@ -198,9 +202,111 @@ def reconstruction_psnr(predictions: torch.Tensor, targets: torch.Tensor, mask: 
 
 
 # --------------------------------------------------------------------------------------------------
-# The pretext
+# The pretexts
 # --------------------------------------------------------------------------------------------------
-class MaskedImagePretext(nn.Module):
+class MaskedModelling(nn.Module):
+    """What every masked-image-modelling pretext shares: the masks, the targets, the loss and metrics of a step
+    (`forward`) and the views picture (`views`). A subclass sets ``variant`` and ``patch_size`` (the mask's patch
+    in voxels) and implements ``patch_grid(spatial_size)`` and ``predict(images, mask) -> [B, L, prod(patch) C]``
+    (`MaskedImagePretext` here; `voco.pretext.spark.SparKPretext` for CNNs). The loss is the MSE on the masked
+    patches, or the L1 for "simmim" (with ``unmasked_weight`` on the visible ones)."""
+
+    variant: str
+    patch_size: tuple[int, int, int]
+
+    def __init__(self, backbone: nn.Module, mask_ratio: float = 0.75, mask_type: str = "random",
+                 mask_block_size: int | Sequence[int] = 2, normalize_targets: bool = False,
+                 unmasked_weight: float = 0.0, psnr_data_range: float = 1.0,
+                 generator: torch.Generator | int | None = None) -> None:
+        super().__init__()
+        require_choice("mask_type", mask_type, MASK_TYPES)
+        masked_count(2, mask_ratio)  # checks the ratio
+        if unmasked_weight < 0:
+            raise ConfigError(f"unmasked_weight is {unmasked_weight}; use 0 (masked voxels only) or more.")
+        self.backbone = backbone
+        self.mask_ratio, self.mask_type = float(mask_ratio), mask_type
+        self.mask_block_size = as_triple(mask_block_size, "mask_block_size")
+        self.normalize_targets, self.unmasked_weight = bool(normalize_targets), float(unmasked_weight)
+        self.psnr_data_range = float(psnr_data_range)
+        self.generator = as_generator(generator)
+        self.in_channels = int(backbone.in_channels)
+
+    def make_mask(self, batch_size: int, grid: Sequence[int], device: torch.device | str | None = None
+                  ) -> torch.Tensor:
+        """The masks of a batch: ``[B, d h w]`` bools, True = masked (see `random_mask`, `block_mask`)."""
+        if self.mask_type == "block":
+            return block_mask(batch_size, grid, self.mask_ratio, self.mask_block_size, self.generator, device)
+        return random_mask(batch_size, grid, self.mask_ratio, self.generator, device)
+
+    def targets(self, images: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(patches, targets, mean, std)`` of regions in float32: targets are the patches themselves, or their
+        per-patch normalisation (then mean and std map a prediction back to intensities)."""
+        patches = patchify(images.float(), self.patch_size)
+        if not self.normalize_targets:
+            return patches, patches, None, None
+        targets, mean, std = normalize_patches(patches)
+        return patches, targets, mean, std
+
+    def forward(self, batch: Mapping[str, Any] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"image": [B, C, X, Y, Z]}`` (or the tensor) -> scalar loss and metrics (tensors)."""
+        images = regions(batch, "masked image modelling")
+        grid = self.patch_grid(images.shape[2:])
+        mask = self.make_mask(images.shape[0], grid, images.device)
+        predictions = self.predict(images, mask).float()  # float32 loss under bf16 autocast
+        patches, targets, mean, std = self.targets(images)
+        if self.variant == "simmim":
+            loss = masked_mean((predictions - targets).abs().mean(dim=-1), mask, self.unmasked_weight)
+        else:
+            loss = masked_mean((predictions - targets).pow(2).mean(dim=-1), mask)
+        with torch.no_grad():
+            intensities = predictions if mean is None else predictions * std + mean
+            psnr = reconstruction_psnr(intensities, patches, mask, self.psnr_data_range)
+        return {
+            "loss": loss,
+            "loss/reconstruction": loss.detach(),
+            "metric/reconstruction_psnr": psnr,
+            "metric/mask_ratio": mask.float().mean(),
+        }
+
+    @torch.no_grad()
+    def views(self, batch: Mapping[str, Any] | torch.Tensor) -> dict[str, Any]:
+        """What the model sees and paints for the first region of a batch (CPU tensors, for `save_views_picture`).
+
+        Runs in evaluation mode (restored afterwards). Keys, middle z slices ``[X, Y]`` of the first channel:
+        ``input_slice``; ``masked_slice`` (masked voxels 0) with ``mask_slice`` (bools); ``reconstruction_slice``
+        (visible patches from the input, masked ones from the prediction, as in the MAE paper's figures);
+        ``prediction_slice`` (the prediction everywhere); and ``psnr`` (dB, masked patches) and ``mask_ratio``.
+        """
+        images = regions(batch, "masked image modelling")[:1]
+        with eval_mode(self):
+            grid = self.patch_grid(images.shape[2:])
+            mask = self.make_mask(1, grid, images.device)
+            predictions = self.predict(images, mask).float()
+        patches, _, mean, std = self.targets(images)
+        intensities = predictions if mean is None else predictions * std + mean
+        prediction = unpatchify(intensities, grid, self.patch_size, self.in_channels)
+        voxels = mask_volume(mask, grid, self.patch_size)
+        image = images.float()
+        reconstruction = torch.where(voxels, prediction, image)
+        middle = images.shape[-1] // 2
+
+        def middle_slice(volume: torch.Tensor) -> torch.Tensor:
+            return volume[0, 0, :, :, middle].cpu()
+
+        return {
+            "input_slice": middle_slice(image),
+            "masked_slice": middle_slice(torch.where(voxels, 0.0, image)),
+            "mask_slice": middle_slice(voxels),
+            "reconstruction_slice": middle_slice(reconstruction),
+            "prediction_slice": middle_slice(prediction),
+            "psnr": float(reconstruction_psnr(intensities, patches, mask, self.psnr_data_range)),
+            "mask_ratio": float(mask.float().mean()),
+            "variant": self.variant,
+        }
+
+
+class MaskedImagePretext(MaskedModelling):
     """MAE or SimMIM around a backbone: ``forward(batch) -> {"loss", "loss/reconstruction", "metric/..."}``.
 
     Args:
@@ -224,20 +330,10 @@ class MaskedImagePretext(nn.Module):
                  decoder_dim: int = 512, decoder_depth: int = 4, decoder_heads: int = 16,
                  decoder_mlp_ratio: float = 4.0, mask_value: str = "zero", unmasked_weight: float = 0.0,
                  psnr_data_range: float = 1.0, generator: torch.Generator | int | None = None) -> None:
-        super().__init__()
         require_choice("variant", variant, VARIANTS)
-        require_choice("mask_type", mask_type, MASK_TYPES)
         require_choice("mask_value", mask_value, MASK_VALUES)
-        masked_count(2, mask_ratio)  # checks the ratio
-        if unmasked_weight < 0:
-            raise ConfigError(f"unmasked_weight is {unmasked_weight}; use 0 (masked voxels only) or more.")
-        self.backbone = backbone
-        self.mask_ratio, self.mask_type = float(mask_ratio), mask_type
-        self.mask_block_size = as_triple(mask_block_size, "mask_block_size")
-        self.normalize_targets, self.unmasked_weight = bool(normalize_targets), float(unmasked_weight)
-        self.psnr_data_range = float(psnr_data_range)
-        self.generator = as_generator(generator)
-        self.in_channels = int(backbone.in_channels)
+        super().__init__(backbone, mask_ratio, mask_type, mask_block_size, normalize_targets, unmasked_weight,
+                         psnr_data_range, generator)
 
         # A ViT (tokens, patch size, position table) or a convolutional-map encoder (the Swin: stride 32 last).
         if require(backbone, (TokenSequence, FeaturePyramid), "masked image modelling") is TokenSequence:
@@ -245,6 +341,10 @@ class MaskedImagePretext(nn.Module):
         else:
             self.backbone_kind, self.patch_size = "feature_map", (int(backbone.feature_strides[-1]),) * 3
         can_drop_tokens = self.backbone_kind == "vit" and bool(backbone.can_drop_tokens)
+        if variant != "simmim" and is_sparse_cnn(backbone):
+            raise ConfigError(f"masked image modelling on the {type(backbone).__name__} CNN is SparK: build it with "
+                              "masked_image_pretext or voco.pretext.spark.SparKPretext (variant 'simmim' runs the "
+                              "dense SimMIM, whose masked voxels leak through the convolutions).")
         if variant == "auto":
             variant = "mae" if can_drop_tokens else "simmim"
         if variant == "mae" and not can_drop_tokens:
@@ -305,13 +405,6 @@ class MaskedImagePretext(nn.Module):
                               "set region_size to multiples of 32.")
         return tuple(s // p for s, p in zip(size, self.patch_size))  # type: ignore[return-value]
 
-    def make_mask(self, batch_size: int, grid: Sequence[int], device: torch.device | str | None = None
-                  ) -> torch.Tensor:
-        """The masks of a batch: ``[B, d h w]`` bools, True = masked (see `random_mask`, `block_mask`)."""
-        if self.mask_type == "block":
-            return block_mask(batch_size, grid, self.mask_ratio, self.mask_block_size, self.generator, device)
-        return random_mask(batch_size, grid, self.mask_ratio, self.generator, device)
-
     # ---------------------------------------------------------------- predictions
     def _decoder_positions(self, grid: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         table = self.decoder_position_embedding if grid == self._decoder_grid else \
@@ -355,74 +448,29 @@ class MaskedImagePretext(nn.Module):
         features = self.backbone.deepest_features(torch.where(voxels, fill, images))
         return rearrange(self.prediction_head(features), "b p d h w -> b (d h w) p")
 
-    def targets(self, images: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``(patches, targets, mean, std)`` of regions in float32: targets are the patches themselves, or their
-        per-patch normalisation (then mean and std map a prediction back to intensities)."""
-        patches = patchify(images.float(), self.patch_size)
-        if not self.normalize_targets:
-            return patches, patches, None, None
-        targets, mean, std = normalize_patches(patches)
-        return patches, targets, mean, std
 
-    def forward(self, batch: Mapping[str, Any] | torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"image": [B, C, X, Y, Z]}`` (or the tensor) -> scalar loss and metrics (tensors)."""
-        images = regions(batch, "masked image modelling")
-        grid = self.patch_grid(images.shape[2:])
-        mask = self.make_mask(images.shape[0], grid, images.device)
-        predictions = self.predict(images, mask).float()  # float32 loss under bf16 autocast
-        patches, targets, mean, std = self.targets(images)
-        if self.variant == "mae":
-            loss = masked_mean((predictions - targets).pow(2).mean(dim=-1), mask)
-        else:
-            loss = masked_mean((predictions - targets).abs().mean(dim=-1), mask, self.unmasked_weight)
-        with torch.no_grad():
-            intensities = predictions if mean is None else predictions * std + mean
-            psnr = reconstruction_psnr(intensities, patches, mask, self.psnr_data_range)
-        return {
-            "loss": loss,
-            "loss/reconstruction": loss.detach(),
-            "metric/reconstruction_psnr": psnr,
-            "metric/mask_ratio": mask.float().mean(),
-        }
+def masked_image_pretext(backbone: nn.Module, variant: str = "auto", **settings: Any) -> MaskedModelling:
+    """The masked-image-modelling pretext of a backbone, so that a bundle switches method with its backbone spec:
+    SparK (`voco.pretext.spark.SparKPretext`) for a CNN with ``variant`` "auto", "mae" or "spark" (SparK is MAE
+    for convolutional networks); else `MaskedImagePretext` (MAE or SimMIM; "simmim" on a CNN is the dense
+    baseline). ``settings``: those of the class built; SparK ignores the transformer decoder's
+    (``decoder_depth``, ``decoder_heads``, ``decoder_mlp_ratio``) and SimMIM's (``mask_value``, ``unmasked_weight``)."""
+    require_choice("variant", variant, (*VARIANTS, "spark"))
+    if variant != "simmim" and is_sparse_cnn(backbone):
+        from voco.pretext.spark import SPARK_SETTINGS, SparKPretext  # spark.py builds on this module
 
-    @torch.no_grad()
-    def views(self, batch: Mapping[str, Any] | torch.Tensor) -> dict[str, Any]:
-        """What the model sees and paints for the first region of a batch (CPU tensors, for `save_views_picture`).
-
-        Runs in evaluation mode (restored afterwards). Keys, middle z slices ``[X, Y]`` of the first channel:
-        ``input_slice``; ``masked_slice`` (masked voxels 0) with ``mask_slice`` (bools); ``reconstruction_slice``
-        (visible patches from the input, masked ones from the prediction, as in the MAE paper's figures);
-        ``prediction_slice`` (the prediction everywhere); and ``psnr`` (dB, masked patches) and ``mask_ratio``.
-        """
-        images = regions(batch, "masked image modelling")[:1]
-        with eval_mode(self):
-            grid = self.patch_grid(images.shape[2:])
-            mask = self.make_mask(1, grid, images.device)
-            predictions = self.predict(images, mask).float()
-        patches, _, mean, std = self.targets(images)
-        intensities = predictions if mean is None else predictions * std + mean
-        prediction = unpatchify(intensities, grid, self.patch_size, self.in_channels)
-        voxels = mask_volume(mask, grid, self.patch_size)
-        image = images.float()
-        reconstruction = torch.where(voxels, prediction, image)
-        middle = images.shape[-1] // 2
-
-        def middle_slice(volume: torch.Tensor) -> torch.Tensor:
-            return volume[0, 0, :, :, middle].cpu()
-
-        return {
-            "input_slice": middle_slice(image),
-            "masked_slice": middle_slice(torch.where(voxels, 0.0, image)),
-            "mask_slice": middle_slice(voxels),
-            "reconstruction_slice": middle_slice(reconstruction),
-            "prediction_slice": middle_slice(prediction),
-            "psnr": float(reconstruction_psnr(intensities, patches, mask, self.psnr_data_range)),
-            "mask_ratio": float(mask.float().mean()),
-            "variant": self.variant,
-        }
+        return SparKPretext(backbone, **{name: value for name, value in settings.items() if name in SPARK_SETTINGS})
+    if variant == "spark":
+        raise ConfigError(f"SparK masks a CNN's convolutions and the {type(backbone).__name__} is not a CNN; use "
+                          "variant 'mae', 'simmim' or 'auto'.")
+    return MaskedImagePretext(backbone, variant, **settings)
 
 
+def is_sparse_cnn(backbone: nn.Module) -> bool:
+    """A CNN that SparK can run sparsely: nnU-Net's residual encoder (`voco.networks.resenc.ResEncEncoder`)."""
+    from voco.networks.resenc import ResEncEncoder
+
+    return isinstance(backbone, ResEncEncoder)
 
 
 def save_views_picture(views: Mapping[str, Any], path: str | os.PathLike) -> Path:
