@@ -2,10 +2,11 @@
 
 1. Pretrain each encoder with its bundle (`python -m monai.bundle run`, smoke settings scaled up) on unlabelled
    phantoms: VoCo and SimMIM on the tiny Swin; MAE, query box, contrastive and the cyclic mix on the tiny ViT (one
-   ViT spec for all, the one the downstream UNETR takes: patch 16 on the task's 64 x 64 x 32 roi).
+   ViT spec for all, the one the downstream UNETR takes: patch 16 on the task's 64 x 64 x 32 roi); SparK-style
+   masked modelling, VoCo and contrastive on the tiny ResEnc (nnU-Net's residual-encoder CNN).
 2. Frozen probe (`voco.probe`): each encoder's multi-scale features of labelled probe phantoms, a closed-form
    linear classifier, Dice on held-out phantoms. Scratch = the same backbone randomly initialised with the seed.
-3. Fine-tune phantom-seg (SwinUNETR for Swin encoders, UNETR for ViT ones) with 1, 2, ... labelled cases, the
+3. Fine-tune phantom-seg (SwinUNETR for Swin encoders, UNETR for ViT ones, nnU-Net's ResEnc U-Net for ResEnc ones) with 1, 2, ... labelled cases, the
    downstream bundle's CPU recipe (configs/small.json: lr, crops, sampling), scratch and pretrained with the same
    seed (same cases, same crop order). Validation Dice every `--eval_every` steps gives the learning curves and the
    convergence measure: the steps the pretrained model needs to reach scratch's best Dice, as a fraction of the
@@ -34,6 +35,8 @@ from pathlib import Path
 SWIN = {"name": "swin", "size": "tiny", "in_channels": 1, "use_checkpoint": False, "window_size": 2}
 VIT = {"name": "vit", "size": "tiny", "in_channels": 1, "input_size": [64, 64, 32], "patch_size": 16,
        "layout": "global", "use_checkpoint": False}
+RESENC = {"name": "resenc", "size": "tiny", "in_channels": 1, "use_checkpoint": False}
+BACKBONES = {"swin": SWIN, "vit": VIT, "resenc": RESENC}
 REGION = [64, 64, 32]  # phantom-seg's roi: what the fine-tuned networks take
 # pretext -> (bundle, backbone, overrides of the bundle's smoke settings, default pretraining steps). The step
 # counts give each pretext a few minutes on the 2-core CPU: a VoCo step (batch 2, 4 base + 2 random crops) costs
@@ -45,6 +48,11 @@ PRETEXTS = {
     "query_box": ("querybox_pretrain", VIT, {"region_size": REGION}, 1600),
     "contrastive": ("multitask_pretrain", VIT, {"region_size": REGION, "task_names": ["contrastive"]}, 1600),
     "cyclic": ("multitask_pretrain", VIT, {"region_size": REGION}, 1600),
+    # the mae bundle runs SparK-style masked modelling on a CNN; a CNN has no patch tokens for a masked third view
+    "spark": ("mae_pretrain", RESENC, {"region_size": REGION}, 600),
+    "voco_resenc": ("voco_pretrain", RESENC, {}, 240),
+    "contrastive_resenc": ("multitask_pretrain", RESENC, {"region_size": REGION, "task_names": ["contrastive"],
+                                                          "contrastive#num_views": 2}, 1600),
 }
 
 
@@ -263,8 +271,8 @@ def main() -> None:
     parser.add_argument("--pretexts", nargs="+", default=list(PRETEXTS), choices=list(PRETEXTS))
     parser.add_argument("--pretrain_phantoms", type=int, default=24)
     parser.add_argument("--pretrain_steps", type=float, default=1.0,
-                        help="a multiple of each pretext's default step count (voco 240, simmim_swin 600, the "
-                             "ViT pretexts 1600)")
+                        help="a multiple of each pretext's default step count (voco and voco_resenc 240, "
+                             "simmim_swin and spark 600, the ViT pretexts and contrastive_resenc 1600)")
     parser.add_argument("--probe_phantoms", type=int, default=16)
     parser.add_argument("--finetune", nargs="+", default=["voco", "query_box", "mae"],
                         help="pretexts that are also fine-tuned (with scratch of their backbone)")
@@ -310,8 +318,7 @@ def main() -> None:
     steps = {pretext: max(int(PRETEXTS[pretext][3] * args.pretrain_steps), 1) for pretext in args.pretexts}
     checkpoints = {pretext: pretrain(pretext, manifest, steps[pretext], out, tracking_uri)
                    for pretext in args.pretexts}
-    backbones = {name: spec for name, spec in (("swin", SWIN), ("vit", VIT))
-                 if any(PRETEXTS[p][1] is spec for p in args.pretexts)}
+    backbones = {name: spec for name, spec in BACKBONES.items() if any(PRETEXTS[p][1] is spec for p in args.pretexts)}
 
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
@@ -321,8 +328,7 @@ def main() -> None:
     results.setdefault("probe", {})  # rows of other pretexts measured before stay
     for name, checkpoint, backbone in ([(f"scratch_{b}", None, b) for b in backbones]
                                        + [(p, checkpoints[p], PRETEXTS[p][1]["name"]) for p in args.pretexts]):
-        spec = SWIN if backbone == "swin" else VIT
-        scores = [probe_encoder(spec, checkpoint, probe_set, seed) for seed in args.seeds]
+        scores = [probe_encoder(BACKBONES[backbone], checkpoint, probe_set, seed) for seed in args.seeds]
         results["probe"][name] = {"backbone": backbone, "dice": [s["probe/dice"] for s in scores],
                                   "per_class": scores}
         print(f"probe {name}: {mean_std(results['probe'][name]['dice'])}", flush=True)

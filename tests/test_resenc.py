@@ -57,3 +57,37 @@ def test_resenc_errors_name_the_setting():
         encoder(torch.zeros(1, 1, 12, 16, 16))
     with pytest.raises(ConfigError, match=r"\[B, 1, X, Y, Z\]"):
         encoder(torch.zeros(1, 2, 16, 16, 16))
+
+
+RESENC_TINY = '{"name": "resenc", "size": "tiny", "in_channels": 1}'
+
+
+def final_encoder(run_folder):
+    from voco.checkpoints import encoder_state_dict, read_checkpoint
+
+    checkpoint = read_checkpoint(run_folder / "checkpoints" / "checkpoint_final.pt")
+    return checkpoint["backbone_spec"], encoder_state_dict(checkpoint)[0]
+
+
+def test_voco_pretrains_a_resenc_by_switching_the_backbone_spec(tmp_path):
+    """VoCo's bundle as a user runs it, with the backbone spec switched: the pooled deepest ResEnc map is the crop
+    embedding; the checkpoint holds the spec and the encoder under nnU-Net's names."""
+    from conftest import run_bundle_command
+
+    result = run_bundle_command("voco_pretrain", ["train.json", "smoke.json"], tmp_path, "--backbone", RESENC_TINY,
+                                "--output_dir", str(tmp_path / "run"))
+    assert "step 4/4" in result.stdout and "loss/intra" in result.stdout
+    spec, encoder = final_encoder(tmp_path / "run")
+    assert spec["name"] == "resenc" and spec["size"] == "tiny"
+    assert set(encoder) == set(build_backbone("resenc", "tiny").state_dict())
+
+
+def test_contrastive_and_query_boxes_pretrain_a_resenc(tmp_path):
+    from conftest import run_bundle_command
+
+    result = run_bundle_command("multitask_pretrain", ["train.json", "smoke.json"], tmp_path, "--backbone", RESENC_TINY,
+                                "--task_names", "['contrastive', 'query_box']", "--contrastive#num_views", "2",
+                                "--output_dir", str(tmp_path / "run"))
+    assert "loss/contrastive" in result.stdout and "loss/query_box" in result.stdout
+    spec, encoder = final_encoder(tmp_path / "run")
+    assert spec["name"] == "resenc" and set(encoder) == set(build_backbone("resenc", "tiny").state_dict())
