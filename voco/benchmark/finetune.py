@@ -85,7 +85,7 @@ def require_finetune_type(task: Task, task_types: Sequence[str] = FINETUNE_TYPES
 TRAINED_SETTINGS_FILE = "settings.json"
 # Settings that shape the network or its inputs: evaluating with another value than the training's cannot work.
 MODEL_SETTINGS = ("task", "preset", "spacing", "roi_size", "backbone", "size", "window_size", "vit_layout",
-                  "vit_window_size", "vit_position_embedding")
+                  "vit_window_size", "vit_position_embedding", "backbone_options")
 
 
 def record_trained_settings(output_dir: str | Path, settings: Mapping[str, Any]) -> Path | None:

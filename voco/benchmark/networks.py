@@ -6,9 +6,11 @@
 
 - segmentation: MONAI ``SwinUNETR(use_v2=True)`` (the VoCo downstream network) or, with ``backbone="vit"``,
   MONAI ``UNETR`` whose ViT is our :class:`voco.networks.vit.UNETRViT` (MONAI's parameter names, so a ViT
-  pretrained here loads by name, with the pretraining's attention layout kept);
+  pretrained here loads by name, with the pretraining's attention layout kept), or, with ``backbone="resenc"``,
+  nnU-Net's ``ResidualEncoderUNet`` (dynamic-network-architectures, deep supervision off, nnU-Net's He
+  initialisation), whose ``encoder.*`` tensors are those of our ``ResEncEncoder``;
 - classification: :class:`EncoderClassifier`, the VoCo ``SwinEncoder`` with its pooled ``24 C`` embedding (or a
-  ``ViTEncoder``'s mean token) and a linear head;
+  ``ViTEncoder``'s mean token, or a ``ResEncEncoder``'s pooled deepest map) and a linear head;
 - registration: :class:`RegistrationNetwork`, a ``SwinUNETR`` predicting a displacement field from the moving and
   fixed images, and MONAI's ``Warp``.
 
@@ -21,7 +23,7 @@ SwinUNETR with its decoder tensors that fit (``load_decoder``), as the reference
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ from voco.benchmark.registry import Task
 from voco.checkpoints import LoadReport, load_encoder_weights
 from voco.errors import ConfigError
 from voco.networks import build_backbone, swin_feature_size
+from voco.networks.resenc import RESENC_CLASS, ResEncEncoder
 from voco.networks.swin import ENCODER_BLOCKS, SwinEncoder
 from voco.networks.vit import UNETRViT, ViTEncoder, vit_spec
 
@@ -52,12 +55,17 @@ __all__ = [
 ]
 
 INITIALIZATION_MODES = ("finetune", "frozen", "linear_probe", "scratch")
-TASK_BACKBONES = {"segmentation": ("swin", "vit"), "classification": ("swin", "vit"), "registration": ("swin",)}
+TASK_BACKBONES = {"segmentation": ("swin", "vit", "resenc"), "classification": ("swin", "vit", "resenc"),
+                  "registration": ("swin",)}
 # UNETR decoder width per ViT size ("B": the ViT-B/16 UNETR of the paper; "tiny" is for tests). UNETR needs 12 blocks
 # and patch 16.
 UNETR_FEATURE_SIZES = {"tiny": 12, "s": 16, "b": 16}
 VIT_PATCH = 16
-SWIN_DIVISOR = 32  # the input sizes the Swin network needs to be divisible by (the ViT: VIT_PATCH)
+SWIN_DIVISOR = 32  # the input sizes the Swin network needs to be divisible by (the ViT: VIT_PATCH; the ResEnc: its
+# total stride)
+# Settings of a pretrained backbone that are fine-tuning's own choice rather than the encoder's (build_task_network's
+# dropout is the fine-tuning's regularisation).
+FINE_TUNING_OWN = ("drop_path_rate",)
 SWIN_DECODER_BLOCKS = ("decoder5", "decoder4", "decoder3", "decoder2", "decoder1", "out")  # MONAI SwinUNETR's
 SIMILARITIES = ("lncc", "mse")
 REGULARIZATIONS = ("bending", "diffusion")
@@ -123,24 +131,29 @@ class RegistrationNetwork(nn.Module):
 
 def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = "B", dropout: float = 0.0,
                        use_checkpoint: bool = False, window_size: int = 7, vit_layout: str = "global",
-                       vit_window_size: int = 3, vit_position_embedding: str = "sincos") -> nn.Module:
-    """The network of a task: SwinUNETR-v2 / UNETR (segmentation), EncoderClassifier, or RegistrationNetwork.
+                       vit_window_size: int = 3, vit_position_embedding: str = "sincos",
+                       backbone_options: Mapping[str, Any] | None = None) -> nn.Module:
+    """The network of a task: SwinUNETR-v2 / UNETR / ResEnc U-Net (segmentation), EncoderClassifier, or
+    RegistrationNetwork.
 
     Args:
         task: the registry entry (``task_type``, ``in_channels``, ``out_channels``, ``roi_size``).
-        backbone: ``"swin"`` (every task type) or ``"vit"`` (MONAI UNETR, segmentation only).
+        backbone: ``"swin"`` (every task type), ``"vit"`` or ``"resenc"`` (segmentation and classification).
         size: ``"tiny"`` / ``"B"`` / ``"L"`` / ``"H"`` (Swin feature size 12 / 48 / 96 / 192, or an int divisible
-            by 12); ``"tiny"`` / ``"B"`` for the ViT.
+            by 12); ``"tiny"`` / ``"S"`` / ``"B"`` for the ViT; ``"tiny"`` / ``"M"`` / ``"L"`` for the ResEnc.
         dropout: SwinUNETR ``drop_rate``, UNETR ``dropout_rate``, or the classifier's dropout on the embedding.
         use_checkpoint: gradient checkpointing of the Swin blocks (less memory, more compute).
         window_size: Swin attention window (7 as released; must match the pretrained encoder's, since the relative
             position tables have its shape; the smoke configs use 2 for speed on CPUs).
         vit_layout, vit_window_size, vit_position_embedding: the ViT's attention layout (``global``, ``window`` ...),
             window in tokens and position embedding, as in pretraining (see `voco.networks.vit.ViTEncoder`).
+        backbone_options: the pretrained backbone's other settings (its plan's spec, `voco.checkpoints.plan`): ViT
+            ``input_standardise``, ``global_every``, ``patch_size`` ...; ResEnc ``n_stages``, ``features_per_stage``,
+            ``strides`` ...; Swin arguments of MONAI's ``SwinUNETR``.
 
     Raises:
         ConfigError: a task type or backbone without a network here, an unknown size, or a roi the network cannot
-            take (Swin: divisible by 32 and not 32^3, ViT: divisible by 16).
+            take (Swin: divisible by 32 and not 32^3, ViT: divisible by 16, ResEnc: by its total stride).
     """
     backbone = str(backbone).lower()
     allowed = TASK_BACKBONES.get(task.task_type)
@@ -150,18 +163,25 @@ def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = 
     if backbone not in allowed:
         raise ConfigError(f"backbone {backbone!r} is not available for {task.task_type} (task {task.id!r}); "
                           f"use one of {', '.join(allowed)}.")
+    options = {key: value for key, value in (backbone_options or {}).items() if key not in FINE_TUNING_OWN}
+    if backbone == "resenc":
+        return build_resenc_network(task, size, dropout=dropout, use_checkpoint=use_checkpoint, **options)
     _check_roi(task, VIT_PATCH if backbone == "vit" else SWIN_DIVISOR)
 
     if backbone == "vit":
-        spec = vit_spec(size)
-        vit_options = dict(in_channels=task.in_channels, input_size=task.roi_size, patch_size=VIT_PATCH,
-                           layout=vit_layout, window_size=vit_window_size, position_embedding=vit_position_embedding,
-                           use_checkpoint=use_checkpoint, **spec)
+        spec = {**vit_spec(size), "patch_size": VIT_PATCH, **options}
+        vit_options = dict(spec, in_channels=task.in_channels, input_size=task.roi_size, layout=vit_layout,
+                           window_size=vit_window_size, position_embedding=vit_position_embedding,
+                           use_checkpoint=use_checkpoint)
         if task.task_type == "classification":
             return EncoderClassifier(ViTEncoder(**vit_options), task.out_channels, dropout=dropout)
         if spec["depth"] != 12 or str(size).lower() not in UNETR_FEATURE_SIZES:
             raise ConfigError(f"UNETR takes the skip connections of a 12-block ViT; ViT size {size!r} has "
                               f"{spec['depth']} blocks: use size tiny, S or B for segmentation.")
+        if spec["patch_size"] not in (VIT_PATCH, [VIT_PATCH] * 3, (VIT_PATCH,) * 3):
+            raise ConfigError(f"UNETR takes a ViT of patch {VIT_PATCH}, and this encoder was pretrained with patch "
+                              f"{spec['patch_size']}; fine-tune it on a classification task, or pretrain with "
+                              f"patch_size {VIT_PATCH}.")
         network = UNETR(in_channels=task.in_channels, out_channels=task.out_channels, img_size=task.roi_size,
                         dropout_rate=dropout, hidden_size=spec["hidden_size"], mlp_dim=4 * spec["hidden_size"],
                         num_heads=spec["num_heads"], feature_size=UNETR_FEATURE_SIZES[str(size).lower()],
@@ -171,27 +191,54 @@ def build_task_network(task: Task, *, backbone: str = "swin", size: str | int = 
     if task.task_type == "segmentation":  # monai >= 1.5 needs no img_size
         return SwinUNETR(in_channels=task.in_channels, out_channels=task.out_channels,
                          feature_size=swin_feature_size(size), use_v2=True, drop_rate=dropout,
-                         use_checkpoint=use_checkpoint, window_size=window_size)
+                         use_checkpoint=use_checkpoint, **{**options, "window_size": window_size})
     if task.task_type == "classification":
         encoder = build_backbone(backbone, size, in_channels=task.in_channels, use_checkpoint=use_checkpoint,
-                                 window_size=window_size)
+                                 **{**options, "window_size": window_size})
         return EncoderClassifier(encoder, task.out_channels, dropout=dropout)
     return RegistrationNetwork(in_channels=task.in_channels, feature_size=swin_feature_size(size), dropout=dropout,
                                use_checkpoint=use_checkpoint, window_size=window_size)
 
 
-def _check_roi(task: Task, divisor: int) -> None:
+def _check_roi(task: Task, divisor: int | Sequence[int], network: str = "Swin") -> None:
+    """The task's roi fits a network that needs sizes divisible by `divisor` (one int, or one per axis)."""
     if task.roi_size is None:  # registry entries marked runnable=False may lack it
         raise ConfigError(f"task {task.id!r} has no roi_size in the registry; complete its entry or pick a "
                           "runnable task.")
     roi = [int(size) for size in task.roi_size]
-    if any(size % divisor for size in roi):
+    divisors = [int(divisor)] * 3 if isinstance(divisor, int) else [int(value) for value in divisor]
+    if any(size % each for size, each in zip(roi, divisors)):
+        shown = divisors[0] if len(set(divisors)) == 1 else divisors
         raise ConfigError(f"task {task.id!r} has roi_size {roi}, which this network cannot take; "
-                          f"give a roi_size divisible by {divisor} in every axis.")
-    # Instance norm of the stride-32 Swin features fails in training on a single voxel (e.g. a 32^3 roi).
-    if divisor == SWIN_DIVISOR and all(size == SWIN_DIVISOR for size in roi):
-        raise ConfigError(f"task {task.id!r} has roi_size {roi}, too small for the Swin network to train; "
-                          f"make at least one axis {2 * SWIN_DIVISOR} voxels.")
+                          f"give a roi_size divisible by {shown} in every axis.")
+    # Instance norm of the deepest (stride 32) features fails in training on a single voxel (e.g. a 32^3 roi).
+    if divisors != [VIT_PATCH] * 3 and roi == divisors:
+        raise ConfigError(f"task {task.id!r} has roi_size {roi}, too small for the {network} network to train; "
+                          f"make at least one axis {2 * max(divisors)} voxels.")
+
+
+def build_resenc_network(task: Task, size: str | int, *, dropout: float = 0.0, use_checkpoint: bool = False,
+                         **architecture: Any) -> nn.Module:
+    """nnU-Net's ResEnc U-Net for segmentation (``ResidualEncoderUNet`` of the plan's ``arch_kwargs``,
+    `voco.networks.resenc.resenc_architecture`, deep supervision off, initialised as nnU-Net initialises it), or an
+    EncoderClassifier on the ResEnc encoder. Its encoder's tensors are ``encoder.*``, as a pretrained
+    ``ResEncEncoder``'s; `architecture` (``n_stages``, ``strides`` ...) must be the pretraining's."""
+    import pydoc
+
+    from voco.networks.resenc import import_dna, layers_of, resenc_architecture, total_stride
+
+    plan = resenc_architecture(str(size), **architecture)
+    _check_roi(task, total_stride(plan), "ResEnc")
+    if task.task_type == "classification":
+        encoder = build_backbone("resenc", size, in_channels=task.in_channels, use_checkpoint=use_checkpoint,
+                                 **architecture)
+        return EncoderClassifier(encoder, task.out_channels, dropout=dropout)
+    import_dna()  # the one sentence naming the cnn extra where it is missing
+    network_class = pydoc.locate(RESENC_CLASS)
+    network = network_class(task.in_channels, num_classes=task.out_channels, deep_supervision=False,
+                            **layers_of(plan))
+    network.apply(network.initialize)  # nnU-Net's initialisation (He, a = 0.01; get_network_from_plans)
+    return network
 
 
 def encoder_of(network: nn.Module) -> nn.Module:
@@ -199,7 +246,8 @@ def encoder_of(network: nn.Module) -> nn.Module:
 
     For a SwinUNETR (alone or inside a RegistrationNetwork) this is a ``ModuleDict`` of its ``swinViT`` and
     ``encoder1|2|3|4|10``, whose state-dict keys are exactly those of the official ``VoCo_*_SSL_head.pt``; for an
-    EncoderClassifier its ``encoder``; for a UNETR its ViT.
+    EncoderClassifier its ``encoder``; for a UNETR its ViT; for nnU-Net's ResEnc U-Net a ``ModuleDict`` of its
+    ``encoder`` (keys ``encoder.stem.*``, ``encoder.stages.*``, as a pretrained ``ResEncEncoder``'s).
     """
     if isinstance(network, EncoderClassifier):
         return network.encoder
@@ -209,7 +257,9 @@ def encoder_of(network: nn.Module) -> nn.Module:
         return nn.ModuleDict({name: getattr(network, name) for name in ("swinViT", *ENCODER_BLOCKS)})
     if isinstance(network, UNETR):
         return network.vit
-    if isinstance(network, (SwinEncoder, ViTEncoder)):
+    if f"{type(network).__module__}.{type(network).__name__}" == RESENC_CLASS:  # its decoder holds the encoder too
+        return nn.ModuleDict({"encoder": network.encoder})
+    if isinstance(network, (SwinEncoder, ViTEncoder, ResEncEncoder)):
         return network
     raise ConfigError(f"a {type(network).__name__} has no known encoder; pass a network from build_task_network.")
 
@@ -227,8 +277,8 @@ def decoder_of(network: nn.Module) -> nn.Module | None:
 
 def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | Mapping[str, Any] | None, *,
                                mode: str = "finetune", min_loaded_fraction: float = 0.5,
-                               load_decoder: bool | None = None, channel_adaptation: str = "mean"
-                               ) -> LoadReport | None:
+                               load_decoder: bool | None = None, channel_adaptation: str = "mean",
+                               plan_differences: Sequence[str] = ()) -> LoadReport | None:
     """Load pretrained encoder (and decoder) weights into a task network and set which parameters train.
 
     Args:
@@ -246,6 +296,8 @@ def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | M
         channel_adaptation: how a one-channel encoder's input layer serves a task of several channels
             (multi-sequence MRI): "mean" (default), "repeat", "first" or "none"
             (`voco.checkpoints.loading.CHANNEL_RULES`); named in the load report.
+        plan_differences: how the fine-tuning's preprocessing differs from the pretraining's, one sentence each
+            (`voco.benchmark.pretrained_plan.preprocessing_differences`); printed and kept in the load report.
 
     Returns:
         The load report (its summary is printed), or None for ``"scratch"``. Give the optimizer only the
@@ -279,7 +331,10 @@ def initialize_from_pretrained(network: nn.Module, source: str | os.PathLike | M
     encoder = encoder_of(network)
     report = load_encoder_weights(encoder, source, min_loaded_fraction=min_loaded_fraction, decoder=decoder,
                                   load_decoder=load_decoder, channel_adaptation=channel_adaptation)
+    report.plan_differences = list(plan_differences)
     print(f"pretrained encoder ({mode}): {report.summary()}")
+    for sentence in report.plan_differences:
+        print(f"pretraining plan: {sentence}")
     if mode == "frozen":
         encoder.requires_grad_(False)
     elif mode == "linear_probe":

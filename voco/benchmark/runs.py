@@ -32,8 +32,8 @@ def _is_scratch(pretrained: Any) -> bool:
 
 
 def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterable[int] = (0,),
-              modes: Iterable[str] | None = None, backbone: str = "swin", size: str | int = "B",
-              training_cases: int | None = None) -> list[Cell]:
+              modes: Iterable[str] | None = None, backbone: str | None = None, size: str | int | None = None,
+              training_cases: int | None = None, default_size: str | int | None = None) -> list[Cell]:
     """The cells of a grid, task by task, then encoder, mode and seed.
 
     Args:
@@ -45,6 +45,10 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
             "scratch" always gets the one mode "scratch". A vision-language task takes CLIP checkpoints only and
             its own modes ("zero_shot", "finetune": `voco.benchmark.vision_language.plan_cells`).
         training_cases: the few-label setting for every cell (None: all training cases).
+        backbone, size: the network of every cell; None (default): each checkpoint's pretraining plan says
+            (`voco.benchmark.pretrained_plan.network_settings`), and "scratch" takes the network of the first
+            checkpoint listed, so that it is compared with the same network; else "swin" and `default_size` (None:
+            the backbone's default size).
 
     Raises:
         ConfigError: an empty list, an unknown task or mode, or two checkpoints whose file names give the same
@@ -79,6 +83,10 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
             raise ConfigError(f"the checkpoints {by_encoder[encoder]} and {source} both give the encoder name "
                               f"{encoder!r} used in run names; rename one of the files.")
         by_encoder[encoder] = source
+    networks = {source: _network_of(source, backbone, size, default_size) for source in sources}
+    first = next((network for source, network in networks.items() if source != "scratch"), None)
+    if "scratch" in networks and first and (backbone is None or str(backbone).lower() == first[0]):
+        networks["scratch"] = (first[0], first[1] if size is None else str(size))
     cells = []
     for task in task_list:
         if task.task_type == "vision-language":  # CLIP checkpoints, their backbone, the task's own modes
@@ -92,9 +100,24 @@ def plan_grid(tasks: Iterable[str], pretrained: Iterable[str], *, seeds: Iterabl
         for source in sources:
             for mode in (["scratch"] if source == "scratch" else encoder_modes):
                 for seed in seed_list:
-                    cells.append(Cell(task.id, source, mode, seed, str(backbone), str(size), training_cases,
+                    cells.append(Cell(task.id, source, mode, seed, *networks[source], training_cases,
                                       own_dataset(task) or None))
     return cells
+
+
+def _network_of(source: str, backbone: str | None, size: str | int | None, default_size: str | int | None
+                ) -> tuple[str, str]:
+    """(backbone, size) of a cell: as given, else the checkpoint's pretraining plan's, else swin / `default_size`."""
+    from voco.benchmark.pretrained_plan import network_settings
+    from voco.checkpoints.plan import read_plan
+    from voco.errors import CheckpointError
+
+    try:
+        plan = None if source == "scratch" or not Path(source).expanduser().is_file() else read_plan(source)
+    except CheckpointError:  # an unreadable file: its cell's run says so, in its own sentence
+        plan = None
+    settings = network_settings(plan, backbone=backbone, size=size, default_size=default_size)
+    return settings["backbone"], str(settings["size"])
 
 
 def _whole(value: Any, name: str) -> int:

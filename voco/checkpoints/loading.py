@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from voco.checkpoints.formats import (
+    _RESENC_KEY,
     _UNUSED_MONAI_KEY,
     StateDict,
     _encoder_owner,
@@ -29,6 +30,10 @@ from voco.checkpoints.formats import (
 from voco.errors import CheckpointError, ConfigError, require_choice
 
 logger = logging.getLogger(__name__)
+
+# The first convolution, whose kernel's second axis is the input channels.
+_INPUT_LAYERS = ("swinViT.patch_embed.proj.weight", "encoder.stem.convs.0.conv.weight",
+                 "patch_embedding.patch_embeddings.weight")
 
 
 @dataclass
@@ -54,6 +59,8 @@ class LoadReport:
             kernel was spread over the model's input channels (`adapt_input_channels`); they count as loaded.
         source: the file (or ``"<dict>"``) the weights came from; source_format: see
             :func:`encoder_state_dict`.
+        plan_differences: how the fine-tuning's preprocessing differs from the pretraining's, one sentence each
+            (`voco.checkpoints.plan.plan_differences`; filled by the caller that knows the fine-tuning).
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -67,6 +74,7 @@ class LoadReport:
     source: str = "<dict>"
     source_format: str = ""
     adapted_channels: list[tuple[str, int, int, str]] = field(default_factory=list)
+    plan_differences: list[str] = field(default_factory=list)
 
     @property
     def missing_encoder(self) -> list[str]:
@@ -101,6 +109,7 @@ class LoadReport:
         """The summary, hints on likely causes, then every skipped and missing key, one per line."""
         lines = [self.summary()]
         lines += [f"hint: {hint}" for hint in self._hints()]
+        lines += [f"pretraining plan: {sentence}" for sentence in self.plan_differences]
         if self.skipped_shape:
             lines.append("skipped, shape differs (checkpoint -> model):")
             lines += [f"  {name}  {tuple(ckpt)} -> {tuple(model)}" for name, ckpt, model in self.skipped_shape]
@@ -119,10 +128,11 @@ class LoadReport:
         return "\n".join(lines)
 
     def _hints(self) -> list[str]:
-        """The two classic silent mismatches of the reference: input channels and use_v2."""
+        """The two classic silent mismatches of the reference (input channels and use_v2) and a ResEnc of other
+        stages."""
         hints = []
         for name, ckpt_shape, model_shape in self.skipped_shape:
-            if name == "swinViT.patch_embed.proj.weight" and ckpt_shape[1] != model_shape[1]:
+            if name in _INPUT_LAYERS and ckpt_shape[1] != model_shape[1]:
                 hints.append(f"the checkpoint has {ckpt_shape[1]} input channels and the model {model_shape[1]}")
             if name == "swinViT.patch_embed.proj.weight" and ckpt_shape[0] != model_shape[0]:
                 hints.append(f"the checkpoint has feature size {ckpt_shape[0]} and the model {model_shape[0]}")
@@ -133,6 +143,10 @@ class LoadReport:
             hints.append("the checkpoint has no v2 residual blocks (layers*c): it was trained with use_v2=False")
         if any(re.match(r"swinViT\.layers[1-4]c\.", name) for name in self.skipped_unexpected):
             hints.append("the checkpoint has v2 residual blocks (layers*c): build the model with use_v2=True")
+        other_stages = [shape[0] for shape in self.skipped_shape] + self.skipped_unexpected + self.missing_encoder
+        if any(_RESENC_KEY.match(name) for name in other_stages):
+            hints.append("the checkpoint's ResEnc has other stages (n_stages, features_per_stage, n_blocks_per_stage, "
+                         "strides): build the network with the backbone spec of its pretraining plan")
         return hints
 
 
@@ -148,9 +162,12 @@ def load_encoder_weights(
 ) -> LoadReport:
     """Copy encoder weights into ``model`` by name and shape, and report every tensor that did not fit.
 
-    Works for an encoder alone (``SwinEncoder``: keys ``swinViT.*``, ``encoder*``), a whole MONAI
-    ``SwinUNETR`` (its decoder is reported as outside the encoder) and a module that holds the
-    encoder under a prefix (a pretext: ``backbone.``; found by itself when ``prefix`` is empty).
+    Works for an encoder alone (``SwinEncoder``: keys ``swinViT.*``, ``encoder*``; ``ResEncEncoder``:
+    ``encoder.stem.*``, ``encoder.stages.*``; ``ViTEncoder``), a whole MONAI ``SwinUNETR`` or nnU-Net
+    ``ResidualEncoderUNet`` (its decoder is reported as outside the encoder) and a module that holds the
+    encoder under a prefix (a pretext: ``backbone.``; found by itself when ``prefix`` is empty). The
+    checkpoint may be our training checkpoint (``{"pretext": {"backbone.encoder.stem...": ...}}``), an export or
+    any format :func:`encoder_state_dict` recognises.
     With ``decoder``, the decoder tensors of a whole-SwinUNETR checkpoint (:func:`decoder_state_dict`) that fit it
     by name and shape are copied too, as the reference loader does.
 
@@ -194,8 +211,11 @@ def load_encoder_weights(
         has_backbone = any(key.startswith("backbone.") for key in model_state)
         prefix = owner if owner is not None else ("backbone." if has_backbone else "")
     targets = {key[len(prefix) :]: value for key, value in model_state.items() if key.startswith(prefix)}
-    encoder_targets = {name for name in targets if _is_encoder_key(name, "")}
-    if not encoder_targets:  # not a SwinUNETR encoder: every tensor under the prefix is the encoder
+    # a SwinUNETR encoder, else nnU-Net's ResEnc encoder (a whole U-Net's decoder, which holds the encoder a second
+    # time as decoder.encoder.*, is outside it)
+    encoder_targets = ({name for name in targets if _is_encoder_key(name, "")}
+                       or {name for name in targets if _RESENC_KEY.match(name)})
+    if not encoder_targets:  # neither a SwinUNETR nor a ResEnc encoder: every tensor under the prefix is the encoder
         encoder_targets = {name for name in targets if not _UNUSED_MONAI_KEY.match(name)}
 
     report = LoadReport(

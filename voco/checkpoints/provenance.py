@@ -2,12 +2,13 @@
 
     {"format": "voco-encoder-provenance", "version": 1,
      "pretraining": {"manifest": "...", "dataset_dir": null, "preset": "ct_abdomen", "region_size": [...],
-                     "backbone": {...}},
+                     "backbone": {...}, "plan": {"presets": [...], "spacing": [...], "intensity": {...}, ...}},
      "volumes": 160000, "unreadable": 3, "fingerprints": ["3f2a...", ...]}
 
 The encoder file itself stays a plain dict of tensors (it loads by name into MONAI's SwinUNETR); the pretraining
 run records its facts in ``<run folder>/pretraining.json`` (`voco.engine.prepare_run`), and `voco export` turns
-them into this file with the fingerprints of the manifest's volumes (`voco.data.fingerprints`).
+them into this file with the fingerprints of the manifest's volumes (`voco.data.fingerprints`). The ``plan`` is the
+preprocessing the encoder was pretrained with (`voco.checkpoints.plan`), which fine-tuning takes by default.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from voco.checkpoints.plan import PLAN_KEY, plan_of_facts
 from voco.files import write_json_atomically
 
 PROVENANCE_FORMAT = "voco-encoder-provenance"
@@ -30,8 +32,8 @@ def provenance_path(encoder_path: str | os.PathLike) -> Path:
 
 
 def run_facts(source: str | os.PathLike) -> tuple[dict, Path] | None:
-    """(the facts a pretraining run recorded: manifest, preset, region size, backbone; its folder), found from the
-    run folder or a checkpoint inside it (``<run>/checkpoints/<file>``); None where there are none."""
+    """(the facts a pretraining run recorded: manifest, preset, region size, backbone, plan; its folder), found from
+    the run folder or a checkpoint inside it (``<run>/checkpoints/<file>``); None where there are none."""
     path = Path(source).expanduser().resolve()
     for folder in (path, path.parent, path.parent.parent):
         recorded = folder / RUN_FACTS_FILE
@@ -53,8 +55,9 @@ def write_provenance(encoder_path: str | os.PathLike, facts: Mapping[str, Any],
     manifest = load_manifest(facts["manifest"])
     images = [entry["image"] for entry in to_datalist(manifest, dataset_dir=facts.get("dataset_dir"))]
     found, unreadable = fingerprint_volumes(images, cache_file=cache_file)
+    pretraining = {**facts, PLAN_KEY: plan_of_facts(facts)}  # a run of an older voco recorded no plan
     return write_json_atomically({
-        "format": PROVENANCE_FORMAT, "version": PROVENANCE_VERSION, "pretraining": dict(facts),
+        "format": PROVENANCE_FORMAT, "version": PROVENANCE_VERSION, "pretraining": pretraining,
         "volumes": len(found), "unreadable": len(unreadable), "fingerprints": sorted(set(found.values())),
     }, provenance_path(encoder_path))
 

@@ -28,8 +28,9 @@ def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str,
     experiment with its artifacts beside the store (MLflow would otherwise put them in ./mlruns of whatever folder
     this runs in). The bundles release the lock in ``finalize`` (`voco.engine.release_run`). A pretraining bundle
     passes its `facts` (manifest, dataset_dir, preset, region size, backbone): they are written to
-    ``<run folder>/pretraining.json``, what `voco export` carries beside the encoder
-    (`voco.checkpoints.provenance`). The training process keeps freed memory for its next step
+    ``<run folder>/pretraining.json`` with the preprocessing plan they imply (``"plan"``: presets, spacing, intensity
+    window, region size, the backbone spec in full; `voco.checkpoints.plan`), what `voco export` carries beside the
+    encoder (`voco.checkpoints.provenance`). The training process keeps freed memory for its next step
     (`voco.allocation`: no page fault per page of every batch-sized tensor)."""
     check_command_line()  # before anything is written: a mistyped override stops the run with the setting meant
     keep_freed_memory()
@@ -38,10 +39,13 @@ def prepare_run(output_dir: str | Path, tracking_uri: str, experiment_name: str,
     if lock and get_rank() == 0:
         lock_run_folder(folder)
     if facts is not None and get_rank() == 0:
+        from voco.checkpoints.plan import PLAN_KEY, pretraining_plan
         from voco.checkpoints.provenance import RUN_FACTS_FILE
         from voco.files import write_json_atomically
 
-        write_json_atomically(json.loads(json.dumps(dict(facts), default=str)), folder / RUN_FACTS_FILE)
+        recorded = json.loads(json.dumps(dict(facts), default=str))
+        recorded[PLAN_KEY] = pretraining_plan(recorded)  # what fine-tuning defaults to (`voco.checkpoints.plan`)
+        write_json_atomically(json.loads(json.dumps(recorded, default=str)), folder / RUN_FACTS_FILE)
     if tracking_uri.startswith("sqlite:///") and get_rank() == 0:  # one writer: SQLite
         from voco.tracking import prepare_experiment
 
