@@ -393,6 +393,24 @@ def test_export_at_feature_size_48_has_the_145_official_tensors(tmp_path: Path) 
     assert len(report.outside_encoder) == DECODER_TENSORS
 
 
+def test_export_of_a_resenc_run_keeps_nnunets_names(tmp_path: Path) -> None:
+    """A ResEnc pretext's backbone exports under nnU-Net's encoder names and loads into a new ResEnc strictly; the
+    pretext's heads and its teacher copy stay out."""
+    from voco.networks import build_backbone
+
+    encoder = build_backbone("resenc", "tiny").state_dict()
+    pretext = {"backbone." + key: value for key, value in encoder.items()}
+    pretext |= {"teacher.backbone." + key: value + 1 for key, value in encoder.items()}
+    pretext |= {"decoder.0.weight": torch.randn(4, 64, 1, 1, 1)}
+    out_path, count = export_encoder({"pretext": pretext, "backbone_spec": {"name": "resenc", "size": "tiny"}},
+                                     tmp_path / "resenc.pt")
+    exported = torch.load(out_path, weights_only=True)
+    assert count == len(encoder) and set(exported) == set(encoder)
+    assert all(key.startswith(("encoder.stem.", "encoder.stages.")) for key in exported)
+    build_backbone("resenc", "tiny").load_state_dict(exported, strict=True)
+    assert all(torch.equal(exported[key], value) for key, value in encoder.items())
+
+
 def test_export_without_encoder_writes_nothing(tmp_path: Path) -> None:
     out_path = tmp_path / "out" / "encoder.pt"
     with pytest.raises(CheckpointError, match="Found no encoder tensors"):

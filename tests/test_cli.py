@@ -29,7 +29,7 @@ def test_console_script_help():
                             env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0
     shown = result.stdout + result.stderr  # fire writes help to stderr when it is not a terminal
-    for command in ("manifest", "synth", "demo", "export", "regions"):
+    for command in ("manifest", "synth", "demo", "export", "nnunet_raw", "regions"):
         assert command in shown
 
 

@@ -1,5 +1,5 @@
 """The `voco` command (python-fire): demo, synth, manifest build/reports/ct_rate/check/stats, regions, export,
-benchmark list/check/run/report.
+nnunet_raw, benchmark list/check/run/report.
 
 Every sub-command catches the errors a user can cause and prints them as one sentence (exit code 2);
 nothing imports this module.
@@ -7,7 +7,6 @@ nothing imports this module.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -289,40 +288,27 @@ class VocoCommands:
                                     batches=batches, num_workers=num_workers, dataset_dir=dataset_dir)
         _print_rows([summary], list(summary))
 
-    def export(self, source: str, out: str) -> None:
-        """Write the encoder of SOURCE (a training checkpoint or run folder) in the official VoCo key format."""
-        from voco.checkpoints import export_encoder, find_latest_checkpoint
+    def export(self, source: str, out: str, format: str = "voco", plans: str | None = None,
+               configuration: str | None = None, add_configuration: str | None = None) -> None:
+        """Write the encoder of SOURCE (a training checkpoint or run folder) in the official VoCo key format, with its
+        pretraining facts beside it (OUT.provenance.json).
 
-        path = Path(source)
-        if path.is_dir():
-            latest = find_latest_checkpoint(path)
-            if latest is None:
-                raise VocoError(f"no checkpoint in {path}; give a checkpoint file or a run folder that has one.")
-            path = latest
-        written, count = export_encoder(path, out)
-        print(f"exported {count} encoder tensors from {path} to {written}")
-        self._record_provenance(source, written)
+        --format nnunet --plans nnUNetResEncUNetLPlans.json --configuration 3d_fullres: a ResEnc run as nnU-Net
+        pretrained weights (nnUNetv2_train ... -pretrained_weights OUT); --add_configuration 3d_fullres_voco: where
+        the plan's architecture differs from the encoder's, a copy of the plans with that configuration added."""
+        from voco.checkpoints.exports import export_run
 
-    @staticmethod
-    def _record_provenance(source: str, written: Path) -> None:
-        """The pretraining facts and the fingerprints of the pretraining volumes beside the export, so that
-        `voco benchmark check / run` can warn of task images the encoder has seen."""
-        from voco.checkpoints.provenance import run_facts, write_provenance
+        export_run(source, out, format, plans, configuration, add_configuration)
 
-        found = run_facts(source)
-        if found is None:
-            print("no pretraining.json in the run folder (a run of an older voco, or a foreign checkpoint): the "
-                  "export carries no fingerprints of its pretraining volumes, so no leakage check is possible")
-            return
-        facts, folder = found
-        try:
-            provenance = write_provenance(written, facts, cache_file=folder / "fingerprints.json")
-        except VocoError as error:  # the export itself is done; only the leakage record is missing
-            print(f"no fingerprints beside the export: {error}")
-            return
-        content = json.loads(provenance.read_text())
-        print(f"recorded the pretraining facts and {content['volumes']} volume fingerprints in {provenance}"
-              + (f" ({content['unreadable']} volumes could not be read)" if content["unreadable"] else ""))
+    def nnunet_raw(self, source: str, out: str | None = None, dataset_id: int | None = None,
+                   name: str | None = None) -> None:
+        """Convert a Decathlon-style dataset (an MSD task folder, a phantom task, your own dataset.json: its folder or
+        the JSON file) to nnU-Net's raw format in OUT (default: $nnUNet_raw) as Dataset<ID>_<NAME>."""
+        from voco.data.nnunet_raw import decathlon_to_nnunet_raw
+
+        target = decathlon_to_nnunet_raw(source, out, dataset_id, name)
+        print(f"wrote {target}; plan it with: nnUNetv2_plan_and_preprocess -d {int(target.name.split('_')[0][7:])} "
+              f"-pl nnUNetPlannerResEncL")
 
     def demo(self, out: str = "demo_output", phantoms: int = 8, seed: int = 0, pretrain_steps: int = 60,
              finetune_steps: int = 150, training_cases: int = 2) -> None:

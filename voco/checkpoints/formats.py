@@ -7,6 +7,10 @@ the released ``VoCo_{B,L,H}_SSL_head.pt`` (145 tensors for feature size 48)::
     swinViT.*                          patch embedding, 4 Swin stages, 4 v2 residual blocks
     encoder1|2|3|4|10.*                SwinUNETR residual blocks on the input and hidden states
 
+The other backbones' encoders keep their own names: the ViT MONAI's ``ViT`` names (``patch_embedding.*``,
+``blocks.*``, ``norm.*``), the ResEnc CNN nnU-Net's ``ResidualEncoderUNet`` names (``encoder.stem.*``,
+``encoder.stages.*``; `voco.checkpoints.nnunet` writes it as nnU-Net's pretrained weights).
+
 Formats recognised by :func:`encoder_state_dict` (they may be nested and combined):
 
 - our training checkpoint ``{"pretext": {"backbone.…"}, "optimizer": …, "backbone_spec": …}``
@@ -29,7 +33,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,8 @@ _ENCODER_KEY = re.compile(r"^(?P<owner>(?:[^.]+\.)*?)(?P<name>(?:swinViT|encoder
 _DECODER_COMPONENT = re.compile(r"^(?:decoder\d+|out)\.")
 # A key of our ViT encoder (MONAI ViT names; position_encoder is the optional Fourier position MLP).
 _VIT_KEY = re.compile(r"^(?:patch_embedding\.|blocks\.\d+\.|norm\.|position_encoder\.)")
+# A key of the ResEnc encoder (nnU-Net's names; "decoder.encoder.*", the copy in nnU-Net's decoder, is not one).
+_RESENC_KEY = re.compile(r"^encoder\.(?:stem|stages)\.")
 # MONAI's ViT blocks hold a LayerNorm for cross-attention that UNETR never uses: not part of an encoder to fill.
 _UNUSED_MONAI_KEY = re.compile(r"^blocks\.\d+\.norm_cross_attn\.")
 # MONAI model_swinvit.pt stores the Swin transformer without the "swinViT." owner.
@@ -249,6 +255,18 @@ def _is_encoder_key(key: str, owner: str) -> bool:
     return match is not None and match["owner"] == owner
 
 
+def _encoder_key_form(weights: Mapping[str, Any]) -> Callable[[str], Any]:
+    """Which backbone's key form the encoder tensors of `weights` have: Swin, else ResEnc, else ViT."""
+    if any(_is_encoder_key(name, "") for name in weights):
+        return lambda name: _is_encoder_key(name, "")
+    return _RESENC_KEY.match if any(_RESENC_KEY.match(name) for name in weights) else _VIT_KEY.match
+
+
+def resenc_encoder_tensors(weights: Mapping[str, torch.Tensor]) -> StateDict:
+    """The ResEnc encoder tensors of an `encoder_state_dict` (``encoder.stem.*``, ``encoder.stages.*``)."""
+    return {name: tensor for name, tensor in weights.items() if _RESENC_KEY.match(name)}
+
+
 def _encoder_owner(keys: Mapping[str, Any] | list[str]) -> str | None:
     """The prefix under which the SwinUNETR encoder lies ("" for the official layout), or None.
 
@@ -274,7 +292,7 @@ def _encoder_owner(keys: Mapping[str, Any] | list[str]) -> str | None:
 def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str | os.PathLike) -> tuple[Path, int]:
     """Write the encoder alone: a Swin encoder in the official SSL-head format (``swinViT.*``,
     ``encoder1|2|3|4|10.*``), a ViT encoder under MONAI ``ViT`` names (``patch_embedding.*``, ``blocks.*``,
-    ``norm.*``).
+    ``norm.*``), a ResEnc encoder under nnU-Net's names (``encoder.stem.*``, ``encoder.stages.*``).
 
     The file is a plain dict of tensors, so it loads with ``weights_only=True`` and by name into
     ``SwinUNETR(use_v2=True)``, or into MONAI ``ViT(..., qkv_bias=True)`` / ``UNETR(..., qkv_bias=True).vit``
@@ -290,23 +308,20 @@ def export_encoder(source: str | os.PathLike | Mapping[str, Any], out_path: str 
         ``(out_path, number of tensors written)``.
 
     Raises:
-        CheckpointError: the source cannot be read or holds neither Swin nor ViT encoder tensors.
+        CheckpointError: the source cannot be read or holds no Swin, ViT or ResEnc encoder tensors.
     """
     label = str(source) if isinstance(source, (str, os.PathLike)) else "the given checkpoint"
     checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
     weights, source_format = encoder_state_dict(checkpoint)
+    is_encoder_key = _encoder_key_form(weights)
     # clone(): a view would drag its whole storage (e.g. the full pretext's) into the file.
-    is_encoder_key = (lambda name: _is_encoder_key(name, "")) if any(_is_encoder_key(name, "") for name in weights) \
-        else _VIT_KEY.match
-    encoder = {
-        name: tensor.detach().cpu().contiguous().clone()
-        for name, tensor in weights.items()
-        if is_encoder_key(name)
-    }
+    encoder = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in weights.items()
+               if is_encoder_key(name)}
     if not encoder:
         raise CheckpointError(
-            f"Found no encoder tensors (Swin: swinViT.*, encoder1|2|3|4|10.*; ViT: patch_embedding.*, blocks.*) "
-            f"in {label} [{source_format}]; export a checkpoint of a pretraining run."
+            f"Found no encoder tensors (Swin: swinViT.*, encoder1|2|3|4|10.*; ViT: patch_embedding.*, blocks.*; "
+            f"ResEnc: encoder.stem.*, encoder.stages.*) in {label} [{source_format}]; export a checkpoint of a "
+            f"pretraining run."
         )
     out_path = Path(out_path)
     with atomic_write(out_path, checksum=True) as temporary:
