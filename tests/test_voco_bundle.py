@@ -64,7 +64,8 @@ def test_checkpoints_resume_and_export(smoke_run, tmp_path):
     # what the run was pretrained on, for the export's provenance (leakage check, preprocessing plan)
     facts = json.loads((cwd / "runs" / "smoke" / "pretraining.json").read_text())
     assert Path(facts["manifest"]).is_file() and facts["backbone"]["size"] == "tiny"
-    assert set(facts) == {"manifest", "dataset_dir", "preset", "region_size", "backbone", "channels"}
+    assert set(facts) == {"manifest", "dataset_dir", "preset", "region_size", "backbone", "channels", "plan"}
+    assert facts["plan"]["backbone"]["name"] == "swin" and facts["plan"]["region_size"] == facts["region_size"]
     assert state["backbone_spec"]["size"] == "tiny"
     out, count = export_encoder(checkpoints / "checkpoint_final.pt", tmp_path / "encoder.pt")
     model = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, use_v2=True, window_size=2)  # as smoke.json

@@ -156,7 +156,7 @@ class BenchmarkCommands:
 
     def run(self, tasks, pretrained="scratch", seeds=0, dataset_dir=None, config: str = "train",
             training_cases: int | None = None, max_epochs: int | None = None, size: str | None = None,
-            backbone: str = "swin", modes=None, val_interval: int | None = None,
+            backbone: str | None = None, modes=None, val_interval: int | None = None,
             tracking_uri: str | None = None, vit_layout: str | None = None,
             vit_window_size: int | None = None, learning_rate: float | None = None,
             datalist: str | None = None, preset: str | None = None, spacing=None, roi_size=None,
@@ -172,8 +172,11 @@ class BenchmarkCommands:
         --dataset_dir DIR (one folder) or btcv=DIR,msd-task09-spleen=DIR; not needed with --config smoke.
         --config train|smoke (smoke: a tiny model on phantoms it makes, for phantom-seg / phantom-cls / phantom-reg).
         --modes finetune,frozen,linear_probe (how each checkpoint is used; default finetune).
-        --size B (default; tiny with --config smoke) --training_cases N (few-label setting) --max_epochs N.
-        --backbone vit --vit_layout window --vit_window_size 3: a ViT encoder, with its pretraining's attention layout.
+        --backbone swin|vit|resenc --size B|L|tiny: the network; by default each checkpoint's pretraining plan
+        (scratch: the first checkpoint's; without one Swin-B, tiny with --config smoke); the plan's preprocessing
+        too, where the task allows (--preset task keeps the task's); every difference is named in the run's log.
+        --training_cases N (few-label setting) --max_epochs N.
+        --vit_layout window --vit_window_size 3: a ViT encoder's attention layout (default: its pretraining's).
         --learning_rate: another learning rate than the configuration's.
         --datalist FILE: a Decathlon-style JSON other than the task's own (relative to its dataset folder; one task).
         ct-rate-retrieval, ct-rate-vocab-cls: --pretrained a CLIP checkpoint of bundles/clip_pretrain, --dataset_dir
@@ -193,10 +196,9 @@ class BenchmarkCommands:
         if datalist is not None and len(parse_list(tasks)) != 1:
             raise VocoError(f"--datalist {datalist} names the datalist of one task; run the tasks "
                             f"{', '.join(map(str, parse_list(tasks)))} one at a time.")
-        size = size if size is not None else ("tiny" if "smoke.json" in config_files else "B")
         cells = plan_grid(parse_list(tasks), parse_list(pretrained), seeds=parse_list(seeds),
                           modes=parse_list(modes) or None, backbone=backbone, size=size,
-                          training_cases=training_cases)
+                          training_cases=training_cases, default_size="tiny" if "smoke.json" in config_files else None)
         overrides = {key: value for key, value in (("max_epochs", max_epochs), ("val_interval", val_interval),
                                                    ("vit_layout", vit_layout), ("vit_window_size", vit_window_size),
                                                    ("learning_rate", learning_rate), ("datalist", datalist),

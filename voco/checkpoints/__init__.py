@@ -2,7 +2,10 @@
 
 - `voco.checkpoints.formats`: reading (weights only), where the encoder and decoder tensors are in each format, export;
 - `voco.checkpoints.loading`: `load_encoder_weights` and its `LoadReport`;
-- `voco.checkpoints.run_folder`: a run folder's checkpoints, newest first, and the one resume and export read.
+- `voco.checkpoints.run_folder`: a run folder's checkpoints, newest first, and the one resume and export read;
+- `voco.checkpoints.exports`: `voco export` (the encoder alone, or with ``--format nnunet`` through
+  `voco.checkpoints.nnunet` the whole network nnU-Net builds from a plans file), with its provenance;
+- `voco.checkpoints.plan` and `provenance`: the preprocessing plan and pretraining volumes that travel with an export.
 """
 
 from voco.checkpoints.formats import decoder_state_dict, encoder_state_dict, export_encoder, read_checkpoint
