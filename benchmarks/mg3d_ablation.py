@@ -133,7 +133,7 @@ def paired_t(differences: list[float]) -> float | None:
     if len(differences) < 2:
         return None
     mean, spread = statistics.mean(differences), statistics.stdev(differences)
-    if spread == 0:
+    if spread <= 1e-6:  # the same difference every seed, up to float rounding (Recall moves in steps of 1/n)
         return 0.0 if mean == 0 else math.copysign(math.inf, mean)
     return mean / (spread / math.sqrt(len(differences)))
 
@@ -155,13 +155,17 @@ def differences_against_baseline(values: dict[str, dict[int, dict[str, float]]],
             for config, by_seed in values.items() if config != baseline}
 
 
+def t_text(t: float) -> str:
+    return "every seed the same" if math.isinf(t) else f"t = {t:.1f}"
+
+
 def part_sentence(config: str, differences: dict[str, list[float]]) -> str:
     """One sentence of what the paired differences of a config against CLIP alone show."""
     labels = dict(METRICS)
     seeds = max((len(values) for values in differences.values()), default=0)
     if seeds < 2:
         return f"**{config}**: {seeds} seed, nothing judged (a measurable effect needs two seeds or more)."
-    found = [f"{labels[metric]} {100 * statistics.mean(values):+.1f} (t = {paired_t(values):.1f})"
+    found = [f"{labels[metric]} {100 * statistics.mean(values):+.1f} ({t_text(paired_t(values))})"
              for metric, values in differences.items() if values and measurable(values)]
     if found:
         return f"**{config}**: a measurable effect on " + "; ".join(found) + ", no measurable effect on the rest."

@@ -134,6 +134,9 @@ def test_ablation_table_gives_mean_sd_paired_differences_and_a_sentence_per_part
     assert ablation.paired_t(differences["clip+mim"]["probe/dice"]) == pytest.approx(0.05 / (0.01 / math.sqrt(3)))
     assert ablation.measurable([0.04, 0.05, 0.06]) and not ablation.measurable([0.1, -0.1, 0.0])
     assert not ablation.measurable([0.3]) and ablation.measurable([0.02, 0.02, 0.02])
+    # Recall moves in steps of 1/n: the same step every seed, up to float rounding, is "every seed the same"
+    same = [clip - (clip + 8 / 120) for clip in (0.05, 0.1, 0.7)]
+    assert math.isinf(ablation.paired_t(same)) and ablation.t_text(ablation.paired_t(same)) == "every seed the same"
 
     table = ablation.markdown(report)
     assert "| clip | 51.0 ± 1.0 |" in table  # mean ± sd over the seeds, x100
