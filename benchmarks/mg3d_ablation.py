@@ -226,9 +226,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="check the script end to end: clip and mg3d, seed 0, 8 steps, 40 studies; the table "
                              "goes to --out unless --results is given")
+    parser.add_argument("--weight", nargs="+", default=[], metavar="PART_weight=VALUE",
+                        help="another weight for a part wherever a config uses it, e.g. mlm_weight=0.1 (use a fresh "
+                             "--out: finished runs are found by config and seed alone)")
     parser.add_argument("--out", default="runs/mg3d_ablation", help="folder of the phantoms, caches and runs")
     parser.add_argument("--results", help="folder of mg3d_ablation.md/.json (default benchmarks/results)")
     args = parser.parse_args()
+    for setting in args.weight:
+        name, _, value = setting.partition("=")
+        if name not in MG3D_WEIGHTS or not value:
+            parser.error(f"--weight {setting}: give PART_weight=VALUE with one of {', '.join(MG3D_WEIGHTS)}")
+        MG3D_WEIGHTS[name] = float(value)
     chosen = {**DEFAULTS, **(QUICK if args.quick else {})}
     configs = args.configs or chosen["configs"]
     seeds, steps = args.seeds or chosen["seeds"], args.steps or chosen["steps"]
