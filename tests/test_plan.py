@@ -5,6 +5,7 @@ preprocessing), overridden by explicit settings, and every difference named in o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,14 @@ def test_the_export_carries_the_plan_and_the_export_alone_gives_it_back(tmp_path
     torch.save({}, older)
     write_provenance(older, facts)
     assert read_plan(older) == plan
+    # the manifest gone by export time: the plan still travels, the fingerprints do not (no leakage check)
+    Path(facts["manifest"]).unlink()
+    moved = tmp_path / "moved.pt"
+    torch.save({}, moved)
+    write_provenance(moved, {**facts, PLAN_KEY: plan})
+    provenance = read_provenance(moved)
+    assert read_plan(moved) == plan and provenance["fingerprints"] is None and provenance["volumes"] is None
+    assert facts["manifest"] in provenance["no_fingerprints"]
 
 
 def test_a_plan_is_read_from_a_runs_checkpoint_and_from_a_checkpoint_dict(tmp_path):

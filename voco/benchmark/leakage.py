@@ -49,7 +49,7 @@ def seen_in_pretraining(task: Task, dataset_dir: str | os.PathLike | None, pretr
     if pretrained in (None, "", "scratch") or dataset_dir is None or not (datalist or task.datalist_file):
         return None
     provenance = read_provenance(pretrained)
-    if provenance is None:
+    if provenance is None or provenance.get("fingerprints") is None:  # none, or its manifest was gone at export
         return None
     found, unreadable = fingerprint_volumes(task_images(task, dataset_dir, datalist), cache_file=cache_file)
     return {"seen": overlap(found, provenance["fingerprints"]), "checked": len(found), "unreadable": len(unreadable),
@@ -60,8 +60,8 @@ def leakage_sentence(task: Task, pretrained: str, result: dict | None) -> str:
     """One line for the user: how many of the task's images the encoder has seen, or why nothing was compared."""
     name = Path(str(pretrained)).name
     if result is None:
-        return (f"{name} carries no fingerprints of its pretraining volumes (no {name}.provenance.json beside it), "
-                f"so whether it has seen images of {task.id} cannot be checked")
+        return (f"{name} carries no fingerprints of its pretraining volumes (no {name}.provenance.json beside it, or "
+                f"one written without them), so whether it has seen images of {task.id} cannot be checked")
     if not result["seen"]:
         return (f"none of the {result['checked']} images of {task.id} is among the {result['pretraining_volumes']} "
                 f"volumes {name} was pretrained on")

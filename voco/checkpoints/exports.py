@@ -65,11 +65,11 @@ def record_provenance(source: str, written: Path, say: Callable[[str], None] = p
             "export carries no fingerprints of its pretraining volumes, so no leakage check is possible")
         return
     facts, folder = found
-    try:
-        provenance = write_provenance(written, facts, cache_file=folder / "fingerprints.json")
-    except VocoError as error:  # the export itself is done; only the leakage record is missing
-        say(f"no fingerprints beside the export: {error}")
-        return
+    provenance = write_provenance(written, facts, cache_file=folder / "fingerprints.json")
     content = json.loads(provenance.read_text())
+    if content["fingerprints"] is None:  # the export and its plan are done; only the leakage record is missing
+        say(f"recorded the pretraining facts and plan in {provenance}, but no fingerprints of the pretraining "
+            f"volumes, so no leakage check is possible: {content['no_fingerprints']}")
+        return
     say(f"recorded the pretraining facts and {content['volumes']} volume fingerprints in {provenance}"
         + (f" ({content['unreadable']} volumes could not be read)" if content["unreadable"] else ""))

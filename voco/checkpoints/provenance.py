@@ -48,18 +48,25 @@ def run_facts(source: str | os.PathLike) -> tuple[dict, Path] | None:
 def write_provenance(encoder_path: str | os.PathLike, facts: Mapping[str, Any],
                      cache_file: str | os.PathLike | None = None) -> Path:
     """Fingerprint the volumes of the run's manifest (reusing `cache_file`) and write the provenance file beside
-    the encoder."""
+    the encoder. Where the manifest cannot be read any more (moved, deleted), the file still carries the pretraining
+    plan, with ``"fingerprints": null`` and the reason in ``"no_fingerprints"``: no leakage check is possible, but
+    the preprocessing still travels."""
     from voco.data.fingerprints import fingerprint_volumes
     from voco.data.manifest import load_manifest, to_datalist
+    from voco.errors import VocoError
 
-    manifest = load_manifest(facts["manifest"])
-    images = [entry["image"] for entry in to_datalist(manifest, dataset_dir=facts.get("dataset_dir"))]
-    found, unreadable = fingerprint_volumes(images, cache_file=cache_file)
     pretraining = {**facts, PLAN_KEY: plan_of_facts(facts)}  # a run of an older voco recorded no plan
-    return write_json_atomically({
-        "format": PROVENANCE_FORMAT, "version": PROVENANCE_VERSION, "pretraining": pretraining,
-        "volumes": len(found), "unreadable": len(unreadable), "fingerprints": sorted(set(found.values())),
-    }, provenance_path(encoder_path))
+    try:
+        manifest = load_manifest(facts["manifest"])
+        images = [entry["image"] for entry in to_datalist(manifest, dataset_dir=facts.get("dataset_dir"))]
+        found, unreadable = fingerprint_volumes(images, cache_file=cache_file)
+    except VocoError as error:
+        fingerprints = {"volumes": None, "unreadable": None, "fingerprints": None, "no_fingerprints": str(error)}
+    else:
+        fingerprints = {"volumes": len(found), "unreadable": len(unreadable),
+                        "fingerprints": sorted(set(found.values()))}
+    return write_json_atomically({"format": PROVENANCE_FORMAT, "version": PROVENANCE_VERSION,
+                                  "pretraining": pretraining, **fingerprints}, provenance_path(encoder_path))
 
 
 def read_provenance(encoder_path: str | os.PathLike) -> dict | None:
