@@ -59,9 +59,6 @@ def test_resenc_errors_name_the_setting():
         encoder(torch.zeros(1, 2, 16, 16, 16))
 
 
-RESENC_TINY = '{"name": "resenc", "size": "tiny", "in_channels": 1}'
-
-
 def final_encoder(run_folder):
     from voco.checkpoints import encoder_state_dict, read_checkpoint
 
@@ -70,11 +67,11 @@ def final_encoder(run_folder):
 
 
 def test_voco_pretrains_a_resenc_by_switching_the_backbone_spec(tmp_path):
-    """VoCo's bundle as a user runs it, with the backbone spec switched: the pooled deepest ResEnc map is the crop
-    embedding; the checkpoint holds the spec and the encoder under nnU-Net's names."""
+    """VoCo's bundle as a user runs it, with the backbone spec switched (configs/resenc_smoke.json): the pooled
+    deepest ResEnc map is the crop embedding; the checkpoint holds the spec and the encoder under nnU-Net's names."""
     from conftest import run_bundle_command
 
-    result = run_bundle_command("voco_pretrain", ["train.json", "smoke.json"], tmp_path, "--backbone", RESENC_TINY,
+    result = run_bundle_command("voco_pretrain", ["train.json", "smoke.json", "resenc_smoke.json"], tmp_path,
                                 "--output_dir", str(tmp_path / "run"))
     assert "step 4/4" in result.stdout and "loss/intra" in result.stdout
     spec, encoder = final_encoder(tmp_path / "run")
@@ -82,12 +79,12 @@ def test_voco_pretrains_a_resenc_by_switching_the_backbone_spec(tmp_path):
     assert set(encoder) == set(build_backbone("resenc", "tiny").state_dict())
 
 
-def test_contrastive_and_query_boxes_pretrain_a_resenc(tmp_path):
+def test_spark_contrastive_and_query_boxes_pretrain_a_resenc_in_turn(tmp_path):
+    """The multitask bundle's ResEnc smoke: SparK, two-view contrastive and query boxes, one task per step."""
     from conftest import run_bundle_command
 
-    result = run_bundle_command("multitask_pretrain", ["train.json", "smoke.json"], tmp_path, "--backbone", RESENC_TINY,
-                                "--task_names", "['contrastive', 'query_box']", "--contrastive#num_views", "2",
+    result = run_bundle_command("multitask_pretrain", ["train.json", "smoke.json", "resenc_smoke.json"], tmp_path,
                                 "--output_dir", str(tmp_path / "run"))
-    assert "loss/contrastive" in result.stdout and "loss/query_box" in result.stdout
+    assert all(f"loss/{task}" in result.stdout for task in ("mae", "contrastive", "query_box"))
     spec, encoder = final_encoder(tmp_path / "run")
     assert spec["name"] == "resenc" and set(encoder) == set(build_backbone("resenc", "tiny").state_dict())
