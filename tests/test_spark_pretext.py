@@ -4,6 +4,8 @@ shapes, the routing from the MAE bundle's settings, and the mae_pretrain bundle'
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,3 +181,22 @@ def test_the_mae_bundle_runs_spark_on_the_resenc_and_resumes(tmp_path):
     assert state["backbone_spec"]["name"] == "resenc" and state["backbone_spec"]["pretext"] == "spark"
     assert "backbone.encoder.stages.0.blocks.0.conv1.conv.weight" in state["pretext"]
     assert "decoder.densify.0.mask_token" in state["pretext"]
+
+
+def test_the_resenc_l_config_builds_spark_on_nnunets_resenc_l():
+    """bundles/mae_pretrain/configs/resenc.json as the README's command composes it: SparK on a ResEnc-L whose encoder
+    is nnU-Net's (6 stages, 32-320 features), decoder 512 wide; a 64 x 64 x 32 region (4 patches) gives a finite loss."""
+    from monai.bundle import ConfigParser
+
+    from voco.networks.resenc import resenc_architecture
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "mae_pretrain" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "train.json"), str(bundle / "resenc.json")])
+    parser["manifest"] = "unused.json"  # only the pretext is built here
+    torch.manual_seed(0)
+    pretext = parser.get_parsed_content("pretext")
+    assert type(pretext).__name__ == "SparKPretext" and parser["region_size"] == [160, 160, 160]
+    assert pretext.backbone.architecture == resenc_architecture("L")
+    output = pretext(torch.rand(1, 1, 64, 64, 32))  # 2 x 2 x 1 patches of the total stride, 32
+    assert torch.isfinite(output["loss"])
