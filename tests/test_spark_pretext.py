@@ -14,9 +14,9 @@ from torch import nn
 
 from voco.errors import ConfigError
 from voco.networks import build_backbone
-from voco.pretext.mae import (MaskedImagePretext, mask_volume, masked_image_pretext, normalize_patches, patchify,
-                              random_mask, save_views_picture)
-from voco.pretext.spark import SparKPretext, VisibleVoxels, masked_instance_norm
+from voco.pretext.mae import (MaskedImagePretext, mask_volume, normalize_patches, patchify, random_mask,
+                              save_views_picture)
+from voco.pretext.spark import SparKPretext, masked_image_pretext, VisibleVoxels, masked_instance_norm
 
 
 def tiny_spark(seed: int = 0, **kwargs) -> SparKPretext:

@@ -57,6 +57,7 @@ def export_run(source: str, out: str, format: str = "voco", plans: str | None = 
 def record_provenance(source: str, written: Path, say: Callable[[str], None] = print) -> None:
     """The pretraining facts and the fingerprints of the pretraining volumes beside the export, so that
     `voco benchmark check / run` can warn of task images the encoder has seen."""
+    from voco.checkpoints.plan import PLAN_KEY, plan_of_facts
     from voco.checkpoints.provenance import run_facts, write_provenance
 
     found = run_facts(source)
@@ -65,6 +66,7 @@ def record_provenance(source: str, written: Path, say: Callable[[str], None] = p
             "export carries no fingerprints of its pretraining volumes, so no leakage check is possible")
         return
     facts, folder = found
+    facts = {**facts, PLAN_KEY: plan_of_facts(facts)}  # a run of an older voco recorded no plan: the one it implies
     provenance = write_provenance(written, facts, cache_file=folder / "fingerprints.json")
     content = json.loads(provenance.read_text())
     if content["fingerprints"] is None:  # the export and its plan are done; only the leakage record is missing

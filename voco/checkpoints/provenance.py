@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from voco.checkpoints.plan import PLAN_KEY, plan_of_facts
 from voco.files import write_json_atomically
 
 PROVENANCE_FORMAT = "voco-encoder-provenance"
@@ -55,7 +54,6 @@ def write_provenance(encoder_path: str | os.PathLike, facts: Mapping[str, Any],
     from voco.data.manifest import load_manifest, to_datalist
     from voco.errors import VocoError
 
-    pretraining = {**facts, PLAN_KEY: plan_of_facts(facts)}  # a run of an older voco recorded no plan
     try:
         manifest = load_manifest(facts["manifest"])
         images = [entry["image"] for entry in to_datalist(manifest, dataset_dir=facts.get("dataset_dir"))]
@@ -66,7 +64,7 @@ def write_provenance(encoder_path: str | os.PathLike, facts: Mapping[str, Any],
         fingerprints = {"volumes": len(found), "unreadable": len(unreadable),
                         "fingerprints": sorted(set(found.values()))}
     return write_json_atomically({"format": PROVENANCE_FORMAT, "version": PROVENANCE_VERSION,
-                                  "pretraining": pretraining, **fingerprints}, provenance_path(encoder_path))
+                                  "pretraining": dict(facts), **fingerprints}, provenance_path(encoder_path))
 
 
 def read_provenance(encoder_path: str | os.PathLike) -> dict | None:

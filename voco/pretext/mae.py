@@ -34,7 +34,7 @@ MRI); MSE is floored at 1e-10, so a perfect prediction reads 100 dB, not infinit
 
 A CNN (nnU-Net's ResEnc) cannot drop tokens, and a dense SimMIM lets its convolutions see the mask: masked image
 modelling on it is SparK (`voco.pretext.spark`, which reuses this file's masks, targets, loss and views);
-`masked_image_pretext` picks the method from the backbone.
+`voco.pretext.spark.masked_image_pretext` picks the method from the backbone.
 
 >>> from voco.networks import build_backbone
 >>> backbone = build_backbone("vit", "tiny", input_size=32, patch_size=8)
@@ -343,7 +343,7 @@ class MaskedImagePretext(MaskedModelling):
         can_drop_tokens = self.backbone_kind == "vit" and bool(backbone.can_drop_tokens)
         if variant != "simmim" and is_sparse_cnn(backbone):
             raise ConfigError(f"masked image modelling on the {type(backbone).__name__} CNN is SparK: build it with "
-                              "masked_image_pretext or voco.pretext.spark.SparKPretext (variant 'simmim' runs the "
+                              "voco.pretext.spark.masked_image_pretext or SparKPretext (variant 'simmim' runs the "
                               "dense SimMIM, whose masked voxels leak through the convolutions).")
         if variant == "auto":
             variant = "mae" if can_drop_tokens else "simmim"
@@ -447,23 +447,6 @@ class MaskedImagePretext(MaskedModelling):
         fill = self.mask_value.to(images.dtype) if self.mask_value is not None else images.new_zeros(())
         features = self.backbone.deepest_features(torch.where(voxels, fill, images))
         return rearrange(self.prediction_head(features), "b p d h w -> b (d h w) p")
-
-
-def masked_image_pretext(backbone: nn.Module, variant: str = "auto", **settings: Any) -> MaskedModelling:
-    """The masked-image-modelling pretext of a backbone, so that a bundle switches method with its backbone spec:
-    SparK (`voco.pretext.spark.SparKPretext`) for a CNN with ``variant`` "auto", "mae" or "spark" (SparK is MAE
-    for convolutional networks); else `MaskedImagePretext` (MAE or SimMIM; "simmim" on a CNN is the dense
-    baseline). ``settings``: those of the class built; SparK ignores the transformer decoder's
-    (``decoder_depth``, ``decoder_heads``, ``decoder_mlp_ratio``) and SimMIM's (``mask_value``, ``unmasked_weight``)."""
-    require_choice("variant", variant, (*VARIANTS, "spark"))
-    if variant != "simmim" and is_sparse_cnn(backbone):
-        from voco.pretext.spark import SPARK_SETTINGS, SparKPretext  # spark.py builds on this module
-
-        return SparKPretext(backbone, **{name: value for name, value in settings.items() if name in SPARK_SETTINGS})
-    if variant == "spark":
-        raise ConfigError(f"SparK masks a CNN's convolutions and the {type(backbone).__name__} is not a CNN; use "
-                          "variant 'mae', 'simmim' or 'auto'.")
-    return MaskedImagePretext(backbone, variant, **settings)
 
 
 def is_sparse_cnn(backbone: nn.Module) -> bool:

@@ -48,14 +48,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from monai.networks.blocks import UnetUpBlock
 from torch import nn
 
-from voco.errors import ConfigError
-from voco.pretext.mae import MaskedModelling, is_sparse_cnn, mask_volume, patchify
+from voco.errors import ConfigError, require_choice
+from voco.pretext.mae import VARIANTS, MaskedImagePretext, MaskedModelling, is_sparse_cnn, mask_volume, patchify
 
 # The settings of masked_image_pretext (the bundle's) that SparK takes.
 SPARK_SETTINGS = ("mask_ratio", "mask_type", "mask_block_size", "normalize_targets", "decoder_dim", "psnr_data_range",
@@ -283,3 +283,18 @@ class SparKPretext(MaskedModelling):
         """Predicted voxels of every patch, ``[B, L, prod(patch) C]`` (normalised if ``normalize_targets``)."""
         features, visible = self.sparse_features(images, mask)
         return patchify(self.decoder(features, visible), self.patch_size)
+
+
+def masked_image_pretext(backbone: nn.Module, variant: str = "auto", **settings: Any) -> MaskedModelling:
+    """The masked-image-modelling pretext of a backbone, so that a bundle switches method with its backbone spec:
+    SparK (`SparKPretext`) for a CNN with ``variant`` "auto", "mae" or "spark" (SparK is MAE
+    for convolutional networks); else `MaskedImagePretext` (MAE or SimMIM; "simmim" on a CNN is the dense
+    baseline). ``settings``: those of the class built; SparK ignores the transformer decoder's
+    (``decoder_depth``, ``decoder_heads``, ``decoder_mlp_ratio``) and SimMIM's (``mask_value``, ``unmasked_weight``)."""
+    require_choice("variant", variant, (*VARIANTS, "spark"))
+    if variant != "simmim" and is_sparse_cnn(backbone):
+        return SparKPretext(backbone, **{name: value for name, value in settings.items() if name in SPARK_SETTINGS})
+    if variant == "spark":
+        raise ConfigError(f"SparK masks a CNN's convolutions and the {type(backbone).__name__} is not a CNN; use "
+                          "variant 'mae', 'simmim' or 'auto'.")
+    return MaskedImagePretext(backbone, variant, **settings)
