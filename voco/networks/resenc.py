@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from voco.errors import ConfigError
+from voco.networks.vit import as_triple
 
 RESENC_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"features_per_stage": [8, 16, 32, 64], "n_blocks_per_stage": [1, 1, 1, 1]},
@@ -51,8 +52,9 @@ def resenc_architecture(size: str = "L", n_stages: int | None = None, features_p
         features = [min(features[0] * 2 ** i, max(features)) for i in range(n_stages)]
     if n_blocks_per_stage is None:
         blocks = (blocks + [blocks[-1]] * n_stages)[:n_stages]
-    strides = [as_triple(s) for s in (strides or [1] + [2] * (n_stages - 1))]
-    kernel_sizes = [as_triple(k) for k in (kernel_sizes or [3] * n_stages)]
+    # lists, as a plans file holds them (an export compares them with nnU-Net's plan)
+    strides = [list(as_triple(s, "strides")) for s in (strides or [1] + [2] * (n_stages - 1))]
+    kernel_sizes = [list(as_triple(k, "kernel_sizes")) for k in (kernel_sizes or [3] * n_stages)]
     for name, value in (("features_per_stage", features), ("n_blocks_per_stage", blocks), ("strides", strides),
                         ("kernel_sizes", kernel_sizes)):
         if len(value) != n_stages:
@@ -60,10 +62,6 @@ def resenc_architecture(size: str = "L", n_stages: int | None = None, features_p
                               "stage.")
     return {"n_stages": n_stages, "features_per_stage": features, "kernel_sizes": kernel_sizes, "strides": strides,
             "n_blocks_per_stage": blocks, "n_conv_per_stage_decoder": [1] * (n_stages - 1), **RESENC_LAYERS}
-
-
-def as_triple(value: int | Sequence[int]) -> list[int]:
-    return [int(value)] * 3 if isinstance(value, int) else [int(v) for v in value]
 
 
 def layers_of(architecture: dict[str, Any]) -> dict[str, Any]:
